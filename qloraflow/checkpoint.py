@@ -1,0 +1,106 @@
+"""Checkpoints that are trusted only when complete.
+
+A checkpoint folder counts once ``manifest.json`` (the sha256 of every file in it) is in place: the
+manifest is written last, through a temporary file and a rename, so a process killed while writing a
+checkpoint leaves a folder without a valid manifest. ``latest_complete`` skips such folders with a
+warning and moves them aside (never deletes them), so the trainer cannot rotate or overwrite them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+MANIFEST = "manifest.json"
+_STEP = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: str | os.PathLike, meta: Optional[dict[str, Any]] = None) -> Path:
+    """Hash every file of ``folder`` and write the manifest last, atomically."""
+    folder = Path(folder)
+    manifest = {"files": {str(p.relative_to(folder)): _sha256(p) for p in _files(folder)},
+                "written_at": time.time(), **(meta or {})}
+    tmp = folder / (MANIFEST + ".tmp")
+    with tmp.open("w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+    return folder / MANIFEST
+
+
+def verify(folder: str | os.PathLike) -> Optional[str]:
+    """None when the folder matches its manifest, else the reason it does not."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return "no manifest (written last): the checkpoint was not finished"
+    except (json.JSONDecodeError, OSError) as e:
+        return f"unreadable manifest: {e}"
+    for rel, digest in manifest.get("files", {}).items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if _sha256(p) != digest:
+            return f"{rel} does not match its hash"
+    return None
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+def latest_complete(root: str | os.PathLike) -> Optional[Path]:
+    """The newest ``checkpoint-N`` under ``root`` that matches its manifest; set aside the broken ones."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()),
+                   reverse=True)
+    for step, path in found:
+        problem = verify(path)
+        if problem is None:
+            return path
+        aside = root / f"incomplete-{path.name}-{int(time.time())}"
+        warnings.warn(f"skipping checkpoint {path}: {problem}; moved to {aside.name}", stacklevel=2)
+        print(f"[qloraflow] skipping checkpoint {path}: {problem}; moved to {aside.name}", flush=True)
+        os.replace(path, aside)
+    return None
+
+
+def save_atomic(final: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Let ``write`` fill a temporary sibling folder, add a manifest, then rename it into place."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    write_manifest(tmp)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final

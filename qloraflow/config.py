@@ -1,0 +1,389 @@
+"""One typed config for the whole pipeline.
+
+YAML files under ``configs/`` only set values; every field is declared and documented here.
+``load_config`` reads a YAML file, applies dotted overrides and validates everything at once, so a
+bad config fails at launch with the full list of problems, before any data is read or GPU requested::
+
+    from qloraflow.config import load_config
+    cfg = load_config("configs/tiny.yaml", overrides={"train.max_steps": 10})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from qloraflow.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached (TRL's ``metadata={"help": ...}``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DataConfig:
+    """Ingest, clean, dedupe and split."""
+
+    train_files: list[str] = _f([], "Input files (JSONL, JSON, Parquet, CSV) or `datasets` save_to_disk folders.")
+    test_files: list[str] = _f([], "Held-out test files. Empty: the test split is carved out of train_files by hash.")
+    format: str = _f("auto", "Record format: auto, alpaca, sharegpt, messages or completion.")
+    validation_fraction: float = _f(0.05, "Share of records for the validation split (chosen by record hash).")
+    test_fraction: float = _f(0.0, "Share of records for the test split when test_files is empty.")
+    min_output_chars: int = _f(1, "Records whose answer is shorter than this (after cleaning) are rejected.")
+    max_chars: int = _f(20000, "Records longer than this many characters in total are rejected.")
+    max_repetition: float = _f(0.5, "Reject records whose most frequent word 3-gram covers more than this share.")
+    redact_pii: bool = _f(False, "Replace e-mail addresses and phone numbers by placeholders.")
+    near_dup_threshold: float = _f(0.8, "Estimated Jaccard similarity above which two records are near duplicates.")
+    minhash_num_perm: int = _f(128, "MinHash permutations (more: better estimate, slower).")
+    shingle_size: int = _f(3, "Words per shingle for MinHash.")
+    max_reject_rate: float = _f(0.5, "Fail the stage when more than this share of records is rejected.")
+
+
+@dataclass
+class ModelConfig:
+    """Base model and how it is loaded for training."""
+
+    base_model: str = _f("", "Local folder or Hub id of the base causal LM.")
+    revision: Optional[str] = _f(None, "Hub revision (commit) to pin; recorded in MLflow.")
+    quantization: str = _f("4bit", "4bit (QLoRA, bitsandbytes NF4), 8bit, or none (16-bit LoRA).")
+    bnb_4bit_quant_type: str = _f("nf4", "4-bit data type: nf4 or fp4.")
+    double_quant: bool = _f(True, "Quantise the 4-bit quantisation constants too (QLoRA double quantisation).")
+    compute_dtype: str = _f("bfloat16", "Compute and merge dtype: bfloat16, float16 or float32.")
+    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager or flash_attention_2.")
+
+
+@dataclass
+class TokenizeConfig:
+    """Prompt rendering, label masking and packing."""
+
+    chat_template: Optional[str] = _f(None, "Named template (alpaca, chatml, llama-3); None: the tokenizer's own.")
+    sequence_len: int = _f(2048, "Maximum tokens per training sequence.")
+    train_on: str = _f("completions", "completions: loss on assistant turns only; all: on every token.")
+    packing: bool = _f(True, "Pack several examples per sequence with per-example position ids.")
+    overlong: str = _f("truncate", "What to do with examples longer than sequence_len: truncate or drop.")
+    num_proc: int = _f(1, "Processes used to tokenize.")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter shape."""
+
+    r: int = _f(16, "LoRA rank.")
+    alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    target_modules: Union[str, list[str]] = _f("all-linear", "Module names to adapt, or all-linear.")
+    bias: str = _f("none", "Which biases train: none, all or lora_only.")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling.")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and checkpointing."""
+
+    backend: str = _f("hf", "hf (transformers+peft+bitsandbytes+trl), unsloth, or auto (unsloth on CUDA if installed).")
+    micro_batch_size: int = _f(2, "Sequences per device per forward pass.")
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimiser step.")
+    num_epochs: float = _f(1.0, "Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Stop after this many optimiser steps; -1: use num_epochs.")
+    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    lr_scheduler: str = _f("cosine", "Schedule: cosine, linear, constant or constant_with_warmup.")
+    warmup_ratio: float = _f(0.03, "Share of steps spent warming up.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    optimizer: str = _f("paged_adamw_8bit", "Optimiser name as transformers knows it (paged_adamw_8bit, adamw_torch, ...).")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward (non-reentrant).")
+    logging_steps: int = _f(10, "Log metrics every N steps.")
+    eval_steps: int = _f(100, "Evaluate on the validation split every N steps (0: never).")
+    save_steps: int = _f(100, "Write a checkpoint every N steps.")
+    save_total_limit: int = _f(3, "Complete checkpoints kept on disk.")
+    early_stopping_patience: Optional[int] = _f(None, "Stop after N evaluations without improvement; None: off.")
+    use_cpu: bool = _f(False, "Train on the CPU even where a GPU exists (the demo).")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation, identical for base and fine-tuned models."""
+
+    metrics: list[str] = _f(["exact_match"], "Task metrics: exact_match, execution_accuracy (SQL).")
+    sqlite_db: Optional[str] = _f(None, "SQLite database that execution_accuracy runs queries against.")
+    max_samples: int = _f(200, "Test records evaluated (first N of the frozen test split).")
+    max_new_tokens: int = _f(64, "Generation limit per answer.")
+    batch_size: int = _f(16, "Prompts per generation batch.")
+    gate_metric: str = _f("exact_match", "Metric the promotion gate compares.")
+
+
+@dataclass
+class MergeConfig:
+    """Merging the adapter into 16-bit base weights."""
+
+    logits_atol: float = _f(0.05, "Largest allowed |merged - adapter| logit difference on held-out prompts.")
+    metric_tolerance: float = _f(0.02, "Largest allowed drop of the gate metric from adapter to merged model.")
+
+
+@dataclass
+class ServeConfig:
+    """Local vLLM deployment and smoke test."""
+
+    enabled: bool = _f(True, "Serve the merged model with vLLM and smoke-test it.")
+    python: str = _f(".venv-serve/bin/python", "Python of the environment that has vLLM (kept apart from training).")
+    host: str = _f("127.0.0.1", "Address the server binds.")
+    port: int = _f(0, "Port; 0 picks a free one.")
+    startup_timeout_s: float = _f(300.0, "Seconds to wait for /health before failing the stage.")
+    kv_cache_memory_bytes: int = _f(268435456, "KV cache size (vLLM's CPU build needs it set).")
+    max_model_len: int = _f(512, "Context length served.")
+    dtype: str = _f("auto", "Dtype vLLM loads the weights in (auto: the saved dtype).")
+
+
+@dataclass
+class RegistryConfig:
+    """MLflow model registry and promotion."""
+
+    model_name: str = _f("qloraflow-model", "Registered model name.")
+    promotion_margin: float = _f(0.0, "A candidate must beat base and champion on the gate metric by more than this.")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    experiment: str = _f("qloraflow", "MLflow experiment name.")
+    tracking_uri: Optional[str] = _f(None, "Tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")
+
+
+@dataclass
+class FinetuneConfig:
+    """The whole pipeline: one section per stage."""
+
+    name: str = _f("finetune", "Run name; also names the output folder.")
+    seed: int = _f(42, "Seed for splits, LoRA initialisation, data order and dropout.")
+    output_dir: str = _f("outputs", "Root folder for artifacts written outside Flyte's own storage.")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_json(self, *names: str) -> str:
+        """Canonical JSON of some sections: what a stage's cache key is built from."""
+        d = self.to_dict()
+        return json.dumps({n: d[n] for n in names}, sort_keys=True)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+CHOICES = {
+    "data.format": {"auto", "alpaca", "sharegpt", "messages", "completion"},
+    "model.quantization": {"4bit", "8bit", "none"},
+    "model.bnb_4bit_quant_type": {"nf4", "fp4"},
+    "model.compute_dtype": {"bfloat16", "float16", "float32"},
+    "model.attn_implementation": {"sdpa", "eager", "flash_attention_2"},
+    "tokenize.chat_template": {None, "alpaca", "chatml", "llama-3"},
+    "tokenize.train_on": {"completions", "all"},
+    "tokenize.overlong": {"truncate", "drop"},
+    "lora.bias": {"none", "all", "lora_only"},
+    "train.backend": {"hf", "unsloth", "auto"},
+    "train.lr_scheduler": {"cosine", "linear", "constant", "constant_with_warmup"},
+}
+EVAL_METRICS = {"exact_match", "execution_accuracy"}
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Whether a YAML value fits a field's annotation (ints count as floats; no silent str->int)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in hints:
+            section = prefix.rstrip(".").split(".")[-1]
+            bare = key[len(section) + 1:] if section and key.startswith(section + "_") else key
+            close = difflib.get_close_matches(bare, names, n=1, cutoff=0.6)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
+            problems.append(f"unknown key '{where}'{hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                problems.append(f"'{where}' must be a mapping of settings, got {type(value).__name__}")
+                continue
+            kwargs[key] = _build(tp, value, f"{where}.", problems)
+        elif not _type_ok(value, tp):
+            problems.append(f"'{where}' must be {_type_name(tp)}, got {value!r}")
+        else:
+            kwargs[key] = float(value) if tp is float else value
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def validate(cfg: FinetuneConfig) -> list[str]:
+    """Every semantic problem of a config (types were checked while building it)."""
+    p: list[str] = []
+    d = cfg.to_dict()
+    for dotted, allowed in CHOICES.items():
+        sec, key = dotted.split(".")
+        if d[sec][key] not in allowed:
+            opts = ", ".join(sorted(str(a) for a in allowed))
+            p.append(f"'{dotted}' is {d[sec][key]!r}; choose one of: {opts}")
+    if not cfg.data.train_files:
+        p.append("'data.train_files' is empty; list at least one input file")
+    for name, v in (("data.validation_fraction", cfg.data.validation_fraction),
+                    ("data.test_fraction", cfg.data.test_fraction),
+                    ("data.max_reject_rate", cfg.data.max_reject_rate),
+                    ("data.max_repetition", cfg.data.max_repetition),
+                    ("data.near_dup_threshold", cfg.data.near_dup_threshold)):
+        if not 0.0 <= v <= 1.0:
+            p.append(f"'{name}' must be between 0 and 1, got {v}")
+    if cfg.data.validation_fraction + cfg.data.test_fraction >= 1.0:
+        p.append("'data.validation_fraction' + 'data.test_fraction' must be < 1; nothing would be left to train on")
+    overlap = {os.path.normpath(f) for f in cfg.data.train_files} & {os.path.normpath(f) for f in cfg.data.test_files}
+    if overlap:
+        p.append(f"'data.test_files' overlaps 'data.train_files' ({', '.join(sorted(overlap))}): "
+                 "the eval split would leak into training")
+    if cfg.data.minhash_num_perm < 16:
+        p.append(f"'data.minhash_num_perm' must be >= 16, got {cfg.data.minhash_num_perm}")
+    if cfg.data.shingle_size < 1:
+        p.append(f"'data.shingle_size' must be >= 1, got {cfg.data.shingle_size}")
+    if not cfg.model.base_model:
+        p.append("'model.base_model' is empty; give a local model folder or a Hub id")
+    if cfg.tokenize.sequence_len < 16:
+        p.append(f"'tokenize.sequence_len' must be >= 16, got {cfg.tokenize.sequence_len}")
+    if cfg.tokenize.num_proc < 1:
+        p.append(f"'tokenize.num_proc' must be >= 1, got {cfg.tokenize.num_proc}")
+    if cfg.lora.r <= 0:
+        p.append(f"'lora.r' must be > 0, got {cfg.lora.r}")
+    if cfg.lora.alpha <= 0:
+        p.append(f"'lora.alpha' must be > 0, got {cfg.lora.alpha}")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        p.append(f"'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
+    t = cfg.train
+    if t.learning_rate <= 0:
+        p.append(f"'train.learning_rate' must be > 0, got {t.learning_rate}")
+    for name, v in (("train.micro_batch_size", t.micro_batch_size),
+                    ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+                    ("train.save_steps", t.save_steps), ("train.logging_steps", t.logging_steps),
+                    ("train.save_total_limit", t.save_total_limit)):
+        if v < 1:
+            p.append(f"'{name}' must be >= 1, got {v}")
+    if t.max_steps <= 0 and t.num_epochs <= 0:
+        p.append("set 'train.max_steps' > 0 or 'train.num_epochs' > 0")
+    if t.max_steps == 0 or t.max_steps < -1:
+        p.append(f"'train.max_steps' must be -1 (use epochs) or > 0, got {t.max_steps}")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        p.append(f"'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
+    if t.weight_decay < 0:
+        p.append(f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
+    if t.max_grad_norm <= 0:
+        p.append(f"'train.max_grad_norm' must be > 0, got {t.max_grad_norm}")
+    if t.eval_steps < 0:
+        p.append(f"'train.eval_steps' must be >= 0, got {t.eval_steps}")
+    if t.early_stopping_patience is not None and t.eval_steps == 0:
+        p.append("'train.early_stopping_patience' needs 'train.eval_steps' > 0")
+    unknown = [m for m in cfg.eval.metrics if m not in EVAL_METRICS]
+    if unknown:
+        p.append(f"'eval.metrics' has unknown {unknown}; choose from {sorted(EVAL_METRICS)}")
+    if cfg.eval.gate_metric not in cfg.eval.metrics:
+        p.append(f"'eval.gate_metric' {cfg.eval.gate_metric!r} must be one of 'eval.metrics' {cfg.eval.metrics}")
+    if "execution_accuracy" in cfg.eval.metrics and not cfg.eval.sqlite_db:
+        p.append("'eval.metrics' has execution_accuracy but 'eval.sqlite_db' is not set")
+    if cfg.eval.max_samples < 1 or cfg.eval.batch_size < 1 or cfg.eval.max_new_tokens < 1:
+        p.append("'eval.max_samples', 'eval.batch_size' and 'eval.max_new_tokens' must be >= 1")
+    if cfg.serve.startup_timeout_s <= 0:
+        p.append(f"'serve.startup_timeout_s' must be > 0, got {cfg.serve.startup_timeout_s}")
+    if not 0 <= cfg.serve.port < 65536:
+        p.append(f"'serve.port' must be in [0, 65535], got {cfg.serve.port}")
+    return p
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> FinetuneConfig:
+    """Build and validate a config; raise one ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"the top level must be a mapping of sections, got {type(raw).__name__}"])
+    problems: list[str] = []
+    model = raw.get("model")
+    if isinstance(model, dict) and model.get("load_in_4bit") and model.get("load_in_8bit"):
+        # The switches other tools use: name the conflict instead of two "unknown key" lines.
+        problems.append("'model.load_in_4bit' and 'model.load_in_8bit' are both set; "
+                        "use one 'model.quantization: 4bit' (or 8bit, or none)")
+        raw = {**raw, "model": {k: v for k, v in model.items() if k not in ("load_in_4bit", "load_in_8bit")}}
+    cfg = _build(FinetuneConfig, raw, "", problems)
+    problems += validate(cfg)  # fields with a type error kept their defaults, so this is safe
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None) -> FinetuneConfig:
+    """Load a YAML config, apply ``{"section.key": value}`` overrides, validate.
+
+    Relative paths in ``data.*_files``, ``model.base_model`` and ``eval.sqlite_db`` stay as written:
+    they are resolved against the working directory, like every other tool's config.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or the config has problems (all listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), ["file not found; pass a YAML file such as configs/tiny.yaml"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return config_from_dict(raw, source=str(path))
+
+
+def config_to_yaml(cfg: FinetuneConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,205 @@
+"""Evaluate: the same frozen test split, the same prompts, for base, candidate and champion.
+
+Held-out loss and perplexity come from the tokenized test split (assistant tokens only); task
+metrics come from batched greedy generation on the test records' prompts, rendered with the chat
+template saved by the tokenize stage::
+
+    from qloraflow.evaluate import evaluate_model
+    metrics, samples = evaluate_model(cfg, model_dir="base-model", data_dir="out/data", tok_dir="out/tok",
+                                      adapter_dir="out/train/adapter")
+
+Task metrics:
+- ``exact_match``: the answer equals the reference after whitespace folding (case kept: SQL string
+  literals are case-sensitive).
+- ``execution_accuracy``: the answer, run read-only against the SQLite database, returns the same
+  rows as the reference (order-insensitive unless the reference has ORDER BY).
+- ``eos_rate``: share of generations that end with EOS before the token limit (always reported).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from qloraflow.tokenize import IGNORE_INDEX
+
+
+def normalize_answer(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().rstrip(";").strip()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def _run_sql(db: str, sql: str, timeout_s: float = 2.0) -> Optional[list[tuple]]:
+    """Rows of a query on a read-only connection, or None if it fails or runs too long."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    deadline = time.monotonic() + timeout_s
+
+    def guard() -> int:  # sqlite calls this every N instructions; non-zero aborts the query
+        return int(time.monotonic() > deadline)
+
+    conn.set_progress_handler(guard, 1000)
+    try:
+        return conn.execute(sql).fetchall()
+    except (sqlite3.Error, sqlite3.Warning, ValueError):
+        return None
+    finally:
+        conn.close()
+
+
+def execution_match(prediction: str, reference: str, db: str) -> float:
+    want = _run_sql(db, reference)
+    got = _run_sql(db, prediction)
+    if want is None or got is None:
+        return 0.0
+    if "order by" in reference.lower():
+        return float(got == want)
+    return float(sorted(map(repr, got)) == sorted(map(repr, want)))
+
+
+# ------------------------------------------------------------------------------------------- models
+
+def load_for_eval(model_dir: str, adapter_dir: Optional[str], dtype: torch.dtype) -> Any:
+    """A 16-bit model for evaluation: the base, or base + unmerged adapter."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if adapter_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    return model.eval()
+
+
+@torch.no_grad()
+def heldout_loss(model: Any, rows: Any, batch_size: int, pad_id: int) -> dict[str, float]:
+    """Mean loss per trained (assistant) token over the tokenized test rows, and its perplexity."""
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i:i + batch_size]
+        width = max(len(x) for x in batch["input_ids"])
+        ids = torch.full((len(batch["input_ids"]), width), pad_id)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        mask = torch.zeros_like(ids)
+        for j, (x, y) in enumerate(zip(batch["input_ids"], batch["labels"])):
+            ids[j, :len(x)], labels[j, :len(y)], mask[j, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                                 shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                                 reduction="sum")
+        total += loss.item()
+        count += int((shift_labels != IGNORE_INDEX).sum())
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+def prompt_messages(records: list[dict]) -> tuple[list[list[dict]], list[str]]:
+    """Each record's turns before its last answer, and that answer (the reference)."""
+    chats, refs = [], []
+    for r in records:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        chats.append(msgs[:last])
+        refs.append(msgs[last]["content"])
+    return chats, refs
+
+
+@torch.no_grad()
+def generate_greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+                    batch_size: int) -> tuple[list[str], list[bool]]:
+    """Batched greedy answers, and whether each one ended with EOS before the limit."""
+    eos_ids = _eos_ids(model, tokenizer)
+    tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
+    answers, ended = [], []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
+                             pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            stop = next((k for k, t in enumerate(row) if t in eos_ids), None)
+            ended.append(stop is not None)
+            answers.append(tokenizer.decode(row[:stop] if stop is not None else row, skip_special_tokens=True))
+    return answers, ended
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
+    return sorted(set(ids if isinstance(ids, list) else [ids]))
+
+
+def score(answers: list[str], refs: list[str], ended: list[bool], metrics: list[str],
+          sqlite_db: Optional[str]) -> dict[str, float]:
+    n = max(len(refs), 1)
+    out = {"eos_rate": sum(ended) / n}
+    if "exact_match" in metrics:
+        out["exact_match"] = sum(exact_match(a, r) for a, r in zip(answers, refs)) / n
+    if "execution_accuracy" in metrics:
+        out["execution_accuracy"] = sum(execution_match(a, r, sqlite_db) for a, r in zip(answers, refs)) / n
+    return out
+
+
+def evaluate_model(cfg: Any, model_dir: str, data_dir: str | os.PathLike, tok_dir: str | os.PathLike,
+                   adapter_dir: Optional[str] = None) -> tuple[dict[str, float], list[dict]]:
+    """Loss, perplexity and task metrics of one model on the frozen test split.
+
+    Args:
+        cfg: the pipeline config (``eval`` and ``model.compute_dtype`` are used).
+        model_dir: a base or merged model folder.
+        data_dir: the data stage's output (``test.parquet``).
+        tok_dir: the tokenize stage's output (``test/`` rows and ``tokenizer/`` with the template).
+        adapter_dir: a LoRA adapter applied on top of ``model_dir`` (not merged).
+
+    Returns:
+        ``(metrics, samples)``: samples hold prompt, reference and answer for each test record.
+    """
+    import datasets
+    from transformers import AutoTokenizer
+
+    from qloraflow.train import DTYPES
+
+    e = cfg.eval
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(tok_dir) / "tokenizer"))
+    model = load_for_eval(model_dir, adapter_dir, DTYPES[cfg.model.compute_dtype])
+    rows = datasets.load_from_disk(str(Path(tok_dir) / "test")).select_columns(["input_ids", "labels"])
+    rows = rows.select(range(min(len(rows), e.max_samples)))
+    metrics = {f"heldout_{k}": v for k, v in heldout_loss(model, rows, e.batch_size, tokenizer.pad_token_id).items()}
+    records = datasets.Dataset.from_parquet(str(Path(data_dir) / "test.parquet")).to_list()[: e.max_samples]
+    chats, refs = prompt_messages(records)
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    answers, ended = generate_greedy(model, tokenizer, prompts, e.max_new_tokens, e.batch_size)
+    metrics.update(score(answers, refs, ended, e.metrics, e.sqlite_db))
+    samples = [{"messages": c, "prompt": p, "reference": r, "answer": a, "ended_with_eos": d}
+               for c, p, r, a, d in zip(chats, prompts, refs, answers, ended)]
+    return metrics, samples
+
+
+def comparison_html(results: dict[str, dict[str, float]], samples: dict[str, list[dict]], limit: int = 10) -> str:
+    """An HTML page (a Flyte Deck) comparing models: a metric table, bars, and sample answers."""
+    import html
+
+    names = list(results)
+    keys = sorted({k for m in results.values() for k in m})
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    body = "".join(f"<tr><td>{k}</td>" + "".join(f"<td>{results[n].get(k, float('nan')):.4f}</td>" for n in names)
+                   + "</tr>" for k in keys)
+    bars = "".join(
+        f"<div>{html.escape(n)} {k}: <span style='display:inline-block;background:#4a7;height:10px;"
+        f"width:{int(200 * min(max(results[n].get(k, 0), 0), 1))}px'></span> {results[n].get(k, 0):.3f}</div>"
+        for k in keys if all(0 <= results[n].get(k, 0) <= 1 for n in names) for n in names)
+    first = samples[names[0]][:limit] if names else []
+    rows = "".join(
+        "<tr><td><pre>" + html.escape(s["prompt"][-300:]) + "</pre></td><td>" + html.escape(s["reference"])
+        + "</td>" + "".join(f"<td>{html.escape(samples[n][i]['answer'])}</td>" for n in names) + "</tr>"
+        for i, s in enumerate(first))
+    return (f"<h3>Evaluation</h3><table border=1><tr><th>metric</th>{head}</tr>{body}</table>{bars}"
+            f"<h3>Samples</h3><table border=1><tr><th>prompt</th><th>reference</th>{head}</tr>{rows}</table>")

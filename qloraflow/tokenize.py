@@ -1,0 +1,315 @@
+"""Tokenize: render chat records with a template, mask labels, pack, save an Arrow dataset.
+
+Reads the Parquet splits written by ``qloraflow.data.prepare_dataset`` and writes, per split, a
+``datasets`` folder whose rows hold ``input_ids``, ``labels`` (-100 where no loss is taken) and
+``position_ids`` (restarting at 0 for every example, so packed examples never attend to each other).
+
+    from qloraflow.tokenize import tokenize_dataset
+    report = tokenize_dataset(cfg.tokenize, data_dir="out/data", tokenizer_dir="base-model", out_dir="out/tok")
+
+How labels are built: every message is rendered as its own slice of the template's text
+(``render(messages[:i+1])`` minus ``render(messages[:i])``), each slice is tokenized on its own, and
+the assistant slices are the only ones with labels. The prompt slice of an assistant turn ends with
+the generation prompt, exactly the text that a server renders before it generates, so the tokens the
+model learns to produce are the tokens it will be asked to produce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from qloraflow.errors import TemplateError
+
+IGNORE_INDEX = -100
+SPLITS = ("train", "validation", "test")
+
+# Named templates for base models that have none. Each renders an assistant turn as
+# generation-prompt + content + end-of-turn, which is what label masking relies on.
+TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+    ),
+    "llama-3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+}
+
+
+def resolve_chat_template(tokenizer: Any, name: Optional[str], tokenizer_dir: str = "<tokenizer>") -> str:
+    """The template to train with: a named one from the config, else the tokenizer's own.
+
+    Raises:
+        TemplateError: neither exists; the message says which config key to set.
+    """
+    if name is not None:
+        if name not in TEMPLATES:
+            raise TemplateError(f"tokenize.chat_template {name!r} is unknown; choose one of {sorted(TEMPLATES)}")
+        return TEMPLATES[name]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    raise TemplateError(
+        f"the tokenizer in {tokenizer_dir} has no chat_template and the config names none; "
+        f"set 'tokenize.chat_template' to one of {sorted(TEMPLATES)}")
+
+
+def ensure_pad_token(tokenizer: Any) -> Optional[str]:
+    """Give the tokenizer a pad token if it has none; return a note for the report, or None.
+
+    Labels here are built from explicit masks, never by comparing ids with the pad id, so even a pad
+    token equal to EOS cannot mask a real EOS. Still, prefer a token that is not EOS.
+    """
+    if tokenizer.pad_token is not None:
+        return None
+    if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        tokenizer.pad_token = tokenizer.eos_token
+    return (f"tokenizer had no pad token; using {tokenizer.pad_token!r} for padding only "
+            "(labels are masked by position, so EOS stays trained)")
+
+
+def _render(tokenizer: Any, template: str, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def split_segments(tokenizer: Any, template: str, messages: list[dict], fmt: str,
+                   train_on: str = "completions") -> list[tuple[str, bool]]:
+    """Cut one record's rendered text into ``(text, trained)`` slices.
+
+    The trained slices are each assistant turn's content plus the template's end-of-turn marker; the
+    whitespace the template puts after it stays untrained. ``fmt == "completion"`` trains on the raw
+    text with no template.
+
+    Raises:
+        TemplateError: the template does not render each turn as a continuation of the previous ones.
+    """
+    if fmt == "completion":
+        text = "".join(m["content"] for m in messages)
+        bos = tokenizer.bos_token or ""
+        return [(bos, False), (text, True)] if bos else [(text, True)]
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, msg in enumerate(messages):
+        full = _render(tokenizer, template, messages[: i + 1], generation_prompt=False)
+        if msg["role"] == "assistant":
+            prompt = _render(tokenizer, template, messages[:i], generation_prompt=True)
+            _check_prefix(done, prompt, i)
+            _check_prefix(prompt, full, i)
+            segments.append((prompt[len(done):], False))
+            answer = full[len(prompt):]
+            start = answer.find(msg["content"])
+            if start < 0:
+                raise TemplateError(f"turn {i}: the chat template does not render assistant content verbatim")
+            trained = answer.rstrip()
+            segments.append((answer[:start], False))
+            segments.append((trained[start:], True))
+            segments.append((answer[len(trained):], False))
+        else:
+            _check_prefix(done, full, i)
+            segments.append((full[len(done):], False))
+        done = full
+    if train_on == "all":
+        segments = [(text, True) for text, _ in segments]
+    return [(t, trained) for t, trained in segments if t]
+
+
+def _check_prefix(prefix: str, text: str, turn: int) -> None:
+    if not text.startswith(prefix):
+        raise TemplateError(
+            f"turn {turn}: the chat template renders earlier turns differently once later turns are added; "
+            "label masking needs a template whose rendering only appends (set 'tokenize.chat_template')")
+
+
+def encode_records(records: list[dict], tokenizer: Any, template: str, train_on: str) -> list[dict]:
+    """Tokenize records into ``input_ids``/``labels``. All slices of a batch go to the tokenizer in one call."""
+    per_record = [split_segments(tokenizer, template, list(r["messages"]), r.get("format", "messages"), train_on)
+                  for r in records]
+    flat = [text for segs in per_record for text, _ in segs]
+    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    eos = tokenizer.eos_token_id
+    out, k = [], 0
+    for segs in per_record:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for (_, trained), seg_ids in zip(segs, ids[k:k + len(segs)]):
+            input_ids += seg_ids
+            labels += seg_ids if trained else [IGNORE_INDEX] * len(seg_ids)
+        k += len(segs)
+        trained = [t for t, l in zip(input_ids, labels) if l != IGNORE_INDEX]
+        if eos is not None and trained and eos not in trained:
+            # The template ends turns with its own marker, or there is no template: teach EOS at the end.
+            input_ids.append(eos)
+            labels.append(eos)
+        if labels:
+            labels[0] = IGNORE_INDEX  # never predicted (labels shift by one); also keeps packing exact
+        out.append({"input_ids": input_ids, "labels": labels})
+    return out
+
+
+def apply_length_policy(rows: list[dict], sequence_len: int, overlong: str) -> tuple[list[dict], dict[str, int]]:
+    """Truncate or drop over-long rows, and drop rows with no trained token. Returns kept rows and counts."""
+    kept, counts = [], {"truncated": 0, "dropped_overlong": 0, "dropped_all_masked": 0}
+    for row in rows:
+        if len(row["input_ids"]) > sequence_len:
+            if overlong == "drop":
+                counts["dropped_overlong"] += 1
+                continue
+            row = {"input_ids": row["input_ids"][:sequence_len], "labels": row["labels"][:sequence_len]}
+            counts["truncated"] += 1
+        if all(l == IGNORE_INDEX for l in row["labels"]):
+            counts["dropped_all_masked"] += 1
+            continue
+        kept.append(row)
+    return kept, counts
+
+
+def pack_rows(rows: list[dict], sequence_len: int) -> list[dict]:
+    """First-fit-decreasing packing into bins of at most ``sequence_len`` tokens.
+
+    Each packed row keeps one ``position_ids`` run per example; the collator passes them to the model
+    without an attention mask, and transformers then builds a block-diagonal causal mask (or
+    FlashAttention's varlen path), so no example sees another.
+    """
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["input_ids"]), i))
+    bins: list[list[int]] = []
+    space: list[int] = []
+    for i in order:
+        n = len(rows[i]["input_ids"])
+        for b, free in enumerate(space):
+            if n <= free:
+                bins[b].append(i)
+                space[b] -= n
+                break
+        else:
+            bins.append([i])
+            space.append(sequence_len - n)
+    packed = []
+    for members in bins:
+        members.sort()  # keep the data order inside a bin: deterministic and readable
+        packed.append({
+            "input_ids": [t for i in members for t in rows[i]["input_ids"]],
+            "labels": [t for i in members for t in rows[i]["labels"]],
+            "position_ids": [p for i in members for p in range(len(rows[i]["input_ids"]))],
+        })
+    return packed
+
+
+@dataclass
+class _Job:
+    tokenizer_dir: str
+    template: str
+    train_on: str
+
+
+def _encode_shard(job: _Job, records: list[dict]) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(job.tokenizer_dir)
+    ensure_pad_token(tok)
+    return encode_records(records, tok, job.template, job.train_on)
+
+
+def tokenizer_hash(tokenizer_dir: str | os.PathLike) -> str:
+    """Hash of the tokenizer files: part of the tokenize cache key."""
+    h = hashlib.sha256()
+    for p in sorted(Path(tokenizer_dir).glob("*")):
+        if p.is_file() and ("token" in p.name or p.name.endswith((".jinja", ".model", ".txt")) or p.name == "vocab.json"):
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tokenize_dataset(cfg: Any, data_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
+                     out_dir: str | os.PathLike) -> dict:
+    """Tokenize every split of a prepared dataset and save it as Arrow.
+
+    Args:
+        cfg: ``TokenizeConfig``.
+        data_dir: folder with ``{train,validation,test}.parquet`` from the data stage.
+        tokenizer_dir: the base model's folder (its tokenizer is used).
+        out_dir: receives ``{split}/`` datasets, ``tokenizer/`` (with the chat template used) and ``report.json``.
+
+    Returns:
+        The report: token counts, truncation and drop counts and packing efficiency per split.
+    """
+    import datasets
+    from transformers import AutoTokenizer
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    template = resolve_chat_template(tokenizer, cfg.chat_template, str(tokenizer_dir))
+    pad_note = ensure_pad_token(tokenizer)
+    tokenizer.chat_template = template
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir / "tokenizer")  # serving renders prompts with exactly this template
+
+    report: dict[str, Any] = {"chat_template": cfg.chat_template or "tokenizer", "pad_token": tokenizer.pad_token,
+                              "notes": [pad_note] if pad_note else [], "splits": {}}
+    job = _Job(str(out_dir / "tokenizer"), template, cfg.train_on)
+    for split in SPLITS:
+        path = data_dir / f"{split}.parquet"
+        if not path.exists():
+            continue
+        records = datasets.Dataset.from_parquet(str(path)).to_list()
+        rows = _encode_parallel(job, records, cfg.num_proc)
+        rows, counts = apply_length_policy(rows, cfg.sequence_len, cfg.overlong)
+        n_real = sum(len(r["input_ids"]) for r in rows)
+        n_trained = sum(sum(1 for l in r["labels"] if l != IGNORE_INDEX) for r in rows)
+        if cfg.packing and split != "test":
+            rows = pack_rows(rows, cfg.sequence_len)
+            slots = len(rows) * cfg.sequence_len
+        else:
+            for r in rows:
+                r["position_ids"] = list(range(len(r["input_ids"])))
+            slots = sum(len(r["input_ids"]) for r in rows)  # batches are padded per batch, length-grouped
+        for r in rows:
+            r["length"] = len(r["input_ids"])
+        ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
+            {"input_ids": [], "labels": [], "position_ids": [], "length": []})
+        _save_atomic(ds, out_dir / split)
+        report["splits"][split] = {"examples": len(records), "rows": len(rows), "tokens": n_real,
+                                   "trained_tokens": n_trained, **counts,
+                                   "packing_efficiency": round(n_real / slots, 4) if slots else 0.0}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _encode_parallel(job: _Job, records: list[dict], num_proc: int) -> list[dict]:
+    if num_proc <= 1 or len(records) < 2000:
+        return _encode_shard(job, records)
+    from concurrent.futures import ProcessPoolExecutor
+
+    size = (len(records) + num_proc - 1) // num_proc
+    shards = [records[i:i + size] for i in range(0, len(records), size)]
+    with ProcessPoolExecutor(num_proc) as pool:
+        return [row for part in pool.map(_encode_shard, [job] * len(shards), shards) for row in part]
+
+
+def _save_atomic(ds: Any, final: Path) -> None:
+    import shutil
+
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)

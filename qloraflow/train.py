@@ -1,0 +1,303 @@
+"""QLoRA training: load -> build -> run -> save, in that order.
+
+One function, ``train_adapter``, runs the whole recipe: the base model in 4-bit NF4 with double
+quantisation and bf16 compute (bitsandbytes), ``prepare_model_for_kbit_training``, a LoRA adapter
+(peft), and TRL's ``SFTTrainer`` with paged 8-bit AdamW, gradient checkpointing, periodic evaluation
+and checkpoints that are only trusted once their manifest says they are complete. It imports neither
+flytekit nor mlflow, so it runs unchanged on a bare GPU machine::
+
+    python -m qloraflow.train --config configs/tiny.yaml --data outputs/tok --out outputs/train
+
+A killed run is resumed by calling it again with the same ``output_dir``: it continues from the
+newest complete checkpoint (and the caller can continue the same MLflow run, see ``run_id_file``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from qloraflow import checkpoint as ckpt
+from qloraflow.config import FinetuneConfig
+from qloraflow.tokenize import IGNORE_INDEX
+from qloraflow.tracking import NullTracker, Tracker
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+def resolve_backend(requested: str) -> str:
+    """``auto`` means Unsloth on CUDA when it is installed, else the plain HF stack."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        import importlib.util
+
+        if importlib.util.find_spec("unsloth") is not None:
+            return "unsloth"
+    return "hf"
+
+
+def compute_dtype(cfg: FinetuneConfig) -> torch.dtype:
+    """The configured compute dtype, falling back to fp16 on GPUs without bf16."""
+    dtype = DTYPES[cfg.model.compute_dtype]
+    if dtype == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return dtype
+
+
+def quantization_config(cfg: FinetuneConfig) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if cfg.model.quantization == "4bit":
+        dtype = compute_dtype(cfg)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.model.bnb_4bit_quant_type,
+                                  bnb_4bit_use_double_quant=cfg.model.double_quant,
+                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    if cfg.model.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base_model(cfg: FinetuneConfig) -> Any:
+    """The base causal LM, quantised as configured and ready for k-bit training."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    on_gpu = torch.cuda.is_available() and not cfg.train.use_cpu
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model.base_model, revision=cfg.model.revision, quantization_config=quantization_config(cfg),
+        dtype=compute_dtype(cfg), attn_implementation=cfg.model.attn_implementation,
+        device_map={"": 0} if on_gpu else {"": "cpu"})
+    model.config.use_cache = False
+    if cfg.model.quantization != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def lora_config(cfg: FinetuneConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, bias=cfg.lora.bias, use_rslora=cfg.lora.use_rslora,
+                      use_dora=cfg.lora.use_dora, task_type="CAUSAL_LM")
+
+
+def load_datasets(dataset_dir: str | os.PathLike) -> tuple[Any, Optional[Any]]:
+    """The tokenized train split and the validation split (None when empty)."""
+    import datasets
+
+    train = datasets.load_from_disk(str(Path(dataset_dir) / "train"))
+    val_path = Path(dataset_dir) / "validation"
+    val = datasets.load_from_disk(str(val_path)) if val_path.exists() else None
+    return train, (val if val is not None and len(val) > 0 else None)
+
+
+# --------------------------------------------------------------------------------------------- build
+
+@dataclass
+class Collator:
+    """Batches tokenized rows for the model.
+
+    ``padding_free``: the micro-batch's rows are concatenated into one ``(1, N)`` row whose
+    ``position_ids`` restart at every example and no attention mask is passed; transformers turns
+    that into a block-diagonal causal mask (SDPA/eager) or FlashAttention's varlen path. No pad
+    token is computed. Otherwise rows are right-padded with an attention mask.
+    """
+
+    pad_token_id: int
+    padding_free: bool
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            cat = lambda key: torch.tensor([[t for r in rows for t in r[key]]], dtype=torch.long)  # noqa: E731
+            return {"input_ids": cat("input_ids"), "labels": cat("labels"), "position_ids": cat("position_ids")}
+        width = max(len(r["input_ids"]) for r in rows)
+        width = (width + 7) // 8 * 8
+        batch = {"input_ids": [], "labels": [], "attention_mask": []}
+        for r in rows:
+            pad = width - len(r["input_ids"])
+            batch["input_ids"].append(list(r["input_ids"]) + [self.pad_token_id] * pad)
+            batch["labels"].append(list(r["labels"]) + [IGNORE_INDEX] * pad)
+            batch["attention_mask"].append([1] * len(r["input_ids"]) + [0] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def training_arguments(cfg: FinetuneConfig, output_dir: Path, has_eval: bool) -> Any:
+    from trl import SFTConfig
+
+    t = cfg.train
+    dtype = compute_dtype(cfg)
+    evaluating = has_eval and t.eval_steps > 0
+    return SFTConfig(
+        output_dir=str(output_dir / "checkpoints"),
+        per_device_train_batch_size=t.micro_batch_size, per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.num_epochs, max_steps=t.max_steps,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=t.optimizer,
+        gradient_checkpointing=False,  # already set up on the model, non-reentrant (see load_base_model)
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=t.use_cpu or not torch.cuda.is_available(),
+        logging_steps=t.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if evaluating else "no", eval_steps=t.eval_steps if evaluating else None,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        load_best_model_at_end=evaluating and t.early_stopping_patience is not None,
+        metric_for_best_model="eval_loss" if evaluating else None, greater_is_better=False,
+        seed=cfg.seed, data_seed=cfg.seed,
+        train_sampling_strategy="random" if cfg.tokenize.packing else "group_by_length",
+        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, packing=False,
+        report_to="none", dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
+    )
+
+
+def build_trainer(cfg: FinetuneConfig, model: Any, tokenizer: Any, train_ds: Any, val_ds: Optional[Any],
+                  output_dir: Path, callbacks: list[Any]) -> Any:
+    from peft import get_peft_model
+    from transformers import EarlyStoppingCallback
+    from trl import SFTTrainer
+
+    model = get_peft_model(model, lora_config(cfg))
+    args = training_arguments(cfg, output_dir, val_ds is not None)
+    if args.load_best_model_at_end:
+        callbacks = callbacks + [EarlyStoppingCallback(cfg.train.early_stopping_patience)]
+    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                      processing_class=tokenizer, callbacks=callbacks,
+                      data_collator=Collator(tokenizer.pad_token_id, padding_free=cfg.tokenize.packing))
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+def _progress_callback(tracker: Tracker, output_dir: Path, on_checkpoint: Optional[Callable[[Path], None]]) -> Any:
+    """Metrics to the tracker (loss, lr, grad norm, tokens/s, memory) and manifests after each save."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def __init__(self) -> None:
+            self.t0, self.tokens0 = time.time(), 0
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            logs = dict(logs or {})
+            now, seen = time.time(), state.num_input_tokens_seen
+            if seen and now > self.t0 and seen > self.tokens0:
+                logs["tokens_per_s"] = (seen - self.tokens0) / (now - self.t0)
+            self.t0, self.tokens0 = now, seen
+            logs.update(memory_metrics())
+            tracker.log_metrics({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=state.global_step)
+
+        def on_save(self, args, state, control, **kw):  # noqa: ANN001
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            ckpt.write_manifest(path, {"global_step": state.global_step, "mlflow_run_id": tracker.run_id})
+            if on_checkpoint is not None:
+                on_checkpoint(Path(args.output_dir))
+
+    return Progress()
+
+
+def memory_metrics() -> dict[str, float]:
+    if torch.cuda.is_available():
+        return {"gpu_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "gpu_peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+    import resource
+
+    return {"cpu_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                  tracker: Optional[Tracker] = None,
+                  on_checkpoint: Optional[Callable[[Path], None]] = None) -> dict[str, Any]:
+    """Train a LoRA adapter on a tokenized dataset; resume if ``output_dir`` holds checkpoints.
+
+    Args:
+        cfg: the pipeline config (model, lora, train and tokenize sections are used).
+        dataset_dir: output of ``tokenize_dataset`` (``train/``, ``validation/``, ``tokenizer/``).
+        output_dir: receives ``checkpoints/``, the final ``adapter/`` and ``train_result.json``.
+        tracker: where metrics go; ``NullTracker`` by default.
+        on_checkpoint: called with the checkpoints folder after each complete checkpoint (the Flyte
+            task uses it to copy checkpoints to the task's checkpoint store).
+
+    Returns:
+        Summary: steps, first and last train loss, best eval loss, trainable parameters, tokens/s.
+    """
+    from transformers import AutoTokenizer, set_seed
+
+    tracker = tracker or NullTracker()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    backend = resolve_backend(cfg.train.backend)
+    set_seed(cfg.seed)  # before the adapter exists: LoRA initialisation is part of the result
+
+    # load
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(dataset_dir) / "tokenizer"))
+    train_ds, val_ds = load_datasets(dataset_dir)
+    if backend == "unsloth":
+        from qloraflow.unsloth_backend import load_unsloth_model
+
+        model = load_unsloth_model(cfg)
+    else:
+        model = load_base_model(cfg)
+
+    # build
+    resume_from = ckpt.latest_complete(output_dir / "checkpoints")
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, val_ds, output_dir,
+                            [_progress_callback(tracker, output_dir, on_checkpoint)])
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    tracker.log_params({"backend": backend, "trainable_params": trainable, "total_params": total,
+                        "resumed_from": resume_from.name if resume_from else "none"})
+
+    # run
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.time() - t0
+
+    # save
+    adapter_dir = output_dir / "adapter"
+    ckpt.save_atomic(adapter_dir, lambda tmp: (trainer.model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    summary = {
+        "backend": backend, "global_step": trainer.state.global_step, "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None, "best_eval_loss": min(evals) if evals else None,
+        "best_checkpoint": trainer.state.best_model_checkpoint, "trainable_params": trainable,
+        "resumed_from": str(resume_from) if resume_from else None, "train_seconds": round(seconds, 2),
+        "tokens_seen": trainer.state.num_input_tokens_seen, "train_runtime_loss": result.training_loss,
+        **memory_metrics(),
+    }
+    summary["tokens_per_s"] = summary["tokens_seen"] / seconds if seconds and summary["tokens_seen"] else None
+    (output_dir / "train_result.json").write_text(json.dumps(summary, indent=1))
+    tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None
+                         and not (isinstance(v, float) and math.isnan(v))})
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    import argparse
+
+    from qloraflow.config import load_config
+
+    ap = argparse.ArgumentParser(description="Train a QLoRA adapter on a tokenized dataset.")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--data", required=True, help="tokenized dataset folder")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_steps=5")
+    a = ap.parse_args(argv)
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
+    print(json.dumps(train_adapter(load_config(a.config, overrides), a.data, a.out), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""What every stage task does the same way: rebuild the config, open its MLflow stage run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from flytekit import current_context
+
+from qloraflow.config import FinetuneConfig, config_from_dict
+from qloraflow.tracking import MlflowTracker
+
+
+def config_of(config_yaml: str) -> FinetuneConfig:
+    return config_from_dict(yaml.safe_load(config_yaml), source="<resolved config>")
+
+
+def execution_id() -> str:
+    """The Flyte execution id (``local`` names local runs the same way)."""
+    try:
+        return current_context().execution_id.name
+    except Exception:  # noqa: BLE001 - outside a Flyte context (library use)
+        return "none"
+
+
+def stage_tracker(cfg: FinetuneConfig, stage: str, pipeline_run_id: str, run_id: Optional[str] = None,
+                  fallback_dir: Optional[str] = None) -> MlflowTracker:
+    """A nested MLflow run for one stage under the pipeline's run."""
+    return MlflowTracker(cfg.tracking.experiment, cfg.tracking.tracking_uri, run_id=run_id,
+                         run_name=f"{cfg.name}-{stage}", parent_run_id=pipeline_run_id,
+                         tags={"qloraflow.stage": stage, "flyte.execution_id": execution_id()},
+                         fallback_dir=fallback_dir or work_dir(stage))
+
+
+def work_dir(stage: str) -> Path:
+    """A fresh folder in the task's working directory for outputs that Flyte then uploads."""
+    path = Path(current_context().working_directory) / stage
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def print_line(stage: str, text: str) -> None:
+    print(f"[qloraflow:{stage}] {text}", flush=True)
+    os.sys.stdout.flush()

@@ -1,0 +1,40 @@
+"""Evaluate task: base and candidate (base + adapter) on the same frozen test split."""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+
+from flytekit import Deck, task
+from flytekit.types.directory import FlyteDirectory
+
+from qloraflow.evaluate import comparison_html, evaluate_model
+from tasks import policy
+from tasks.common import config_of, print_line, stage_tracker
+
+EvalOutput = typing.NamedTuple("EvalOutput", [("metrics", str), ("samples", str)])
+
+
+@task(cache=policy.cache("evaluate"), container_image=policy.TRAIN_IMAGE, requests=policy.EVAL_RESOURCES,
+      retries=policy.RETRIES, enable_deck=True)
+def evaluate_candidate(config_yaml: str, eval_key: str, data_dir: FlyteDirectory, tok_dir: FlyteDirectory,
+                       train_dir: FlyteDirectory, pipeline_run_id: str) -> EvalOutput:
+    """Held-out loss/perplexity and task metrics for ``base`` and ``candidate``; samples side by side."""
+    cfg = config_of(config_yaml)
+    data, tok, train = data_dir.download(), tok_dir.download(), train_dir.download()
+    results, samples = {}, {}
+    results["base"], samples["base"] = evaluate_model(cfg, cfg.model.base_model, data, tok)
+    results["candidate"], samples["candidate"] = evaluate_model(cfg, cfg.model.base_model, data, tok,
+                                                                adapter_dir=str(Path(train) / "adapter"))
+    tracker = stage_tracker(cfg, "evaluate", pipeline_run_id)
+    for name, m in results.items():
+        tracker.log_metrics({f"{name}.{k}": v for k, v in m.items()})
+    table = {"prompt": [s["prompt"] for s in samples["base"]], "reference": [s["reference"] for s in samples["base"]],
+             "base": [s["answer"] for s in samples["base"]], "candidate": [s["answer"] for s in samples["candidate"]]}
+    tracker.log_table(table, "eval_samples.json")
+    tracker.close()
+    Deck("evaluation", comparison_html(results, samples))
+    for name, m in results.items():
+        print_line("evaluate", f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(m.items())))
+    return EvalOutput(metrics=json.dumps(results), samples=json.dumps(samples))

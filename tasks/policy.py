@@ -1,0 +1,70 @@
+"""Operational policy, in one place: images, resources, retries, caching, per kind of step.
+
+Cache versions are derived, never bumped by hand: each stage's version is the hash of the library
+modules that decide its result (plus this policy's own salt). Edit ``qloraflow/dedupe.py`` and the
+data stage and everything after it re-run; edit ``qloraflow/serve.py`` and only deployment does.
+Inputs that do not change a result (the MLflow run to log into, the full config text) are ignored
+by the cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from flytekit import Cache, Resources
+from flytekit.extras.accelerators import A10G
+
+LIBRARY = Path(__file__).resolve().parent.parent / "qloraflow"
+TASKS = Path(__file__).resolve().parent
+
+# Images: one per kind of step (containers/*.Dockerfile). Where they live is a deployment choice.
+REGISTRY = os.environ.get("QLORAFLOW_IMAGE_REGISTRY", "ghcr.io/qloraflow")
+IMAGE_TAG = os.environ.get("QLORAFLOW_IMAGE_TAG", "0.1.0")
+DATA_IMAGE = f"{REGISTRY}/data:{IMAGE_TAG}"
+TRAIN_IMAGE = f"{REGISTRY}/train-cuda:{IMAGE_TAG}"
+SERVE_IMAGE = f"{REGISTRY}/serve-vllm:{IMAGE_TAG}"
+
+# Resources: the training step asks for one 24 GB GPU (A10G class).
+DATA_RESOURCES = Resources(cpu="2", mem="8Gi")
+TRAIN_RESOURCES = Resources(cpu="8", mem="48Gi", gpu="1")
+TRAIN_ACCELERATOR = A10G
+EVAL_RESOURCES = Resources(cpu="4", mem="32Gi", gpu="1")
+SERVE_RESOURCES = Resources(cpu="4", mem="32Gi", gpu="1")
+
+# Retries are for infrastructure failures (node loss, preemption); user errors are raised as
+# FlyteRecoverableException only where a retry can help (see tasks/stages.py).
+RETRIES = 2
+TRAIN_INTERRUPTIBLE = True
+
+# Inputs that never change a stage's result.
+IGNORED = ("config_yaml", "pipeline_run_id")
+
+STAGE_MODULES = {
+    "data": ["config.py", "errors.py", "ingest.py", "clean.py", "dedupe.py", "data.py"],
+    "tokenize": ["tokenize.py"],
+    "train": ["train.py", "checkpoint.py", "unsloth_backend.py"],
+    "evaluate": ["evaluate.py"],
+    "merge": ["merge.py"],
+    "deploy": ["serve.py"],
+}
+# A stage's result depends on its own code and on every earlier stage's.
+ORDER = ["data", "tokenize", "train", "evaluate", "merge", "deploy"]
+
+
+def code_version(stage: str) -> str:
+    """Hash of the library code that decides a stage's result (its own and earlier stages')."""
+    h = hashlib.sha256(b"policy-v1")
+    for s in ORDER[: ORDER.index(stage) + 1]:
+        for name in STAGE_MODULES[s]:
+            p = LIBRARY / name
+            if p.exists():
+                h.update(name.encode())
+                h.update(p.read_bytes())
+    h.update((TASKS / "stages.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache(stage: str) -> Cache:
+    return Cache(version=code_version(stage), serialize=True, ignored_inputs=IGNORED)

@@ -1,0 +1,126 @@
+"""Register task: the merged model into the MLflow registry, the promotion gate, the pipeline summary.
+
+Never cached: the champion it compares against changes between executions. A model already
+registered from the same training result (same ``train_key`` and data) is not registered again, so
+retraining on unchanged data adds no version.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flytekit import task
+from flytekit.types.directory import FlyteDirectory
+
+from qloraflow import registry
+from qloraflow.evaluate import evaluate_model
+from qloraflow.tracking import MlflowTracker
+from tasks import policy
+from tasks.common import config_of, execution_id, print_line
+
+
+def _champion_metrics(cfg, client, data: str, tok: str, test_key: str) -> dict:  # noqa: ANN001
+    """The champion's metrics on this test split: from its tags when measured on it, else re-evaluated."""
+    current = registry.champion(client, cfg.registry.model_name)
+    if current is None:
+        return {}
+    tags = current.tags or {}
+    if tags.get("eval_key") == test_key:
+        return {k[len("metric."):]: float(v) for k, v in tags.items() if k.startswith("metric.")}
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=current.source, tracking_uri=client.tracking_uri)
+    metrics, _ = evaluate_model(cfg, local, data, tok)
+    return metrics
+
+
+@task(container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES)
+def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str, eval_key: str,
+                         data_key: str, data_report: str, tok_report: str, train_summary: str, eval_metrics: str,
+                         merge_report: str, deploy_report: str, merged_dir: FlyteDirectory,
+                         data_dir: FlyteDirectory, tok_dir: FlyteDirectory) -> str:
+    """Log the pipeline's results, register the merged model, gate the champion alias; return the summary."""
+    cfg = config_of(config_yaml)
+    name = cfg.registry.model_name
+    results = json.loads(eval_metrics)
+    merge, deploy = json.loads(merge_report), json.loads(deploy_report)
+    train = json.loads(train_summary)
+    tracker = MlflowTracker(cfg.tracking.experiment, cfg.tracking.tracking_uri, run_id=pipeline_run_id)
+    client = registry.client_for(cfg.tracking.tracking_uri)
+    test_key = f"{eval_key}:{data_key}"
+    results["champion"] = _champion_metrics(cfg, client, data_dir.download(), tok_dir.download(), test_key)
+    results["merged"] = merge["metrics"]
+    for model, metrics in results.items():
+        tracker.log_metrics({f"{model}.{k}": v for k, v in metrics.items()})
+
+    existing = [mv for mv in client.search_model_versions(f"name='{name}'")
+                if (mv.tags or {}).get("train_key") == train_key and (mv.tags or {}).get("data_key") == data_key]
+    if existing:
+        version, decision = str(existing[0].version), {"promoted": False, "reason": "unchanged: already registered"}
+        print_line("register", f"same training inputs as version {version}: nothing new to register")
+    else:
+        tracker.log_artifact(merged_dir.download(), "merged_model")
+        tracker.log_dict({"data": json.loads(data_report), "tokenize": json.loads(tok_report), "train": train,
+                          "eval": results, "merge": {k: v for k, v in merge.items() if k != "samples"},
+                          "deploy": deploy}, "pipeline_report.json")
+        tags = {"train_key": train_key, "data_key": data_key, "eval_key": test_key,
+                "dataset.hash": data_key, "config.hash": cfg.hash(), "base_model": cfg.model.base_model,
+                "base_model.revision": cfg.model.revision or "", "flyte.execution_id": execution_id(),
+                "adapter_run_id": train.get("mlflow_run_id", ""),
+                **{f"metric.{k}": v for k, v in results["merged"].items()}}
+        version = registry.register_model(client, name, f"runs:/{pipeline_run_id}/merged_model", pipeline_run_id, tags)
+        decision = registry.promote(client, name, version, results["merged"], results["base"],
+                                    cfg.eval.gate_metric, cfg.registry.promotion_margin, bool(deploy.get("passed")))
+    tracker.set_tags({"registry.version": version, "registry.promoted": decision["promoted"],
+                      "registry.reason": decision["reason"]})
+    tracker.close()
+    summary = {"mlflow_run_id": pipeline_run_id, "flyte_execution_id": execution_id(), "data": json.loads(data_report),
+               "tokenize": json.loads(tok_report)["splits"], "train": train, "eval": results,
+               "merged_dir": merge["merged_dir"], "merged_bytes": merge["bytes"],
+               "max_logit_diff": merge["verify"]["max_logit_diff"], "registry": {"model": name, "version": version,
+                                                                                   **decision},
+               "deploy": {"passed": deploy.get("passed"), "hf_agreement": deploy.get("hf_agreement", {}).get("share"),
+                          "example": _example(merge, deploy), "latency": deploy.get("latency")}}
+    out = Path(cfg.output_dir) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    text = format_summary(summary)
+    print(text, flush=True)
+    return text
+
+
+def _example(merge: dict, deploy: dict) -> dict:
+    if not deploy.get("chat_answers"):
+        return {}
+    s = merge["samples"][0]
+    return {"question": s["messages"][-1]["content"], "reference": s["reference"],
+            "vllm_answer": deploy["chat_answers"][0]}
+
+
+def format_summary(s: dict) -> str:
+    d, t, e = s["data"], s["train"], s["eval"]
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(d.get("rejected_by_reason", {}).items()))
+    keys = sorted({k for m in e.values() for k in m if k in ("exact_match", "execution_accuracy", "eos_rate",
+                                                                 "heldout_loss", "heldout_perplexity")})
+    lines = ["", "=" * 72, "qloraflow pipeline summary", "=" * 72,
+             f"data      read {d.get('read')}  kept {d.get('kept')}  rejected {d.get('rejected')}  ({reasons})",
+             f"tokens    " + "  ".join(f"{k}: {v.get('tokens')} ({v.get('trained_tokens')} trained)"
+                                       for k, v in s["tokenize"].items()),
+             f"train     {t.get('global_step')} steps  loss {t.get('train_loss_first'):.3f} -> "
+             f"{t.get('train_loss_last'):.3f}  ({t.get('train_seconds')} s, {t.get('backend')})",
+             "eval      " + "".join(f"{k:>20}" for k in keys)]
+    for model in ("base", "candidate", "merged", "champion"):
+        if e.get(model):
+            lines.append(f"  {model:<8}" + "".join(f"{e[model].get(k, float('nan')):>20.4f}" for k in keys))
+        elif model == "champion":
+            lines.append(f"  {model:<8}  (none yet)")
+    r, dep = s["registry"], s["deploy"]
+    lines += [f"merged    {s['merged_dir']}  ({s['merged_bytes'] / 2**20:.1f} MiB, max logit diff "
+              f"{s['max_logit_diff']:.4f})",
+              f"registry  {r['model']} version {r['version']}  promoted={r['promoted']}  ({r['reason']})",
+              f"vLLM      smoke {'passed' if dep['passed'] else 'FAILED'}  HF agreement {dep['hf_agreement']}",
+              f"          Q: {dep['example'].get('question')}",
+              f"          A: {dep['example'].get('vllm_answer')}",
+              f"mlflow    run {s['mlflow_run_id']}  (flyte execution {s['flyte_execution_id']})", "=" * 72]
+    return "\n".join(lines)

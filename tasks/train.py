@@ -1,0 +1,59 @@
+"""Train task: QLoRA on one 24 GB GPU, resumable from Flyte's checkpoint store.
+
+A retried or preempted attempt restores the checkpoints the previous attempt saved, resumes from the
+newest complete one and continues the same MLflow run (its id is kept beside the checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import typing
+from pathlib import Path
+
+from flytekit import current_context, task
+from flytekit.exceptions.user import FlyteRecoverableException
+from flytekit.types.directory import FlyteDirectory
+
+from qloraflow.train import train_adapter
+from tasks import policy
+from tasks.common import config_of, print_line, stage_tracker, work_dir
+
+TrainOutput = typing.NamedTuple("TrainOutput", [("train_dir", FlyteDirectory), ("summary", str)])
+RUN_ID_FILE = "mlflow_run_id"
+
+
+@task(cache=policy.cache("train"), container_image=policy.TRAIN_IMAGE, requests=policy.TRAIN_RESOURCES,
+      accelerator=policy.TRAIN_ACCELERATOR, interruptible=policy.TRAIN_INTERRUPTIBLE, retries=policy.RETRIES)
+def train_model(config_yaml: str, train_key: str, tok_dir: FlyteDirectory, pipeline_run_id: str) -> TrainOutput:
+    """Train the adapter; returns the training folder (``adapter/``, ``train_result.json``) and a summary."""
+    cfg = config_of(config_yaml)
+    out = work_dir("train")
+    store = current_context().checkpoint
+    checkpoints = out / "checkpoints"
+    restored = store.restore(checkpoints) if store is not None else None
+    run_file = checkpoints / RUN_ID_FILE
+    run_id = run_file.read_text().strip() if restored and run_file.exists() else None
+    tracker = stage_tracker(cfg, "train", pipeline_run_id, run_id=run_id)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(tracker.run_id)
+
+    def save_checkpoints(folder: Path) -> None:
+        if store is not None:
+            store.save(folder)
+
+    try:
+        summary = train_adapter(cfg, tok_dir.download(), out, tracker=tracker, on_checkpoint=save_checkpoints)
+    except (ConnectionError, TimeoutError) as e:  # storage or network blips: the retry resumes
+        tracker.close("FAILED")
+        raise FlyteRecoverableException(f"training interrupted by {type(e).__name__}: {e}") from e
+    except Exception:
+        tracker.close("FAILED")
+        raise
+    tracker.log_artifact(out / "adapter", "adapter")
+    tracker.close()
+    shutil.rmtree(checkpoints, ignore_errors=True)  # in the checkpoint store already; keep the output small
+    summary["mlflow_run_id"] = tracker.run_id
+    print_line("train", f"{summary['global_step']} steps, loss {summary['train_loss_first']:.3f} -> "
+                        f"{summary['train_loss_last']:.3f} in {summary['train_seconds']:.0f}s")
+    return TrainOutput(train_dir=FlyteDirectory(str(out)), summary=json.dumps(summary, default=str))
