@@ -256,7 +256,9 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> 
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is None and hasattr(tp, "__name__"):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("NoneType", "None")
 
 
 def validate(cfg: FinetuneConfig) -> list[str]:
@@ -350,7 +352,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> FinetuneC
                         "use one 'model.quantization: 4bit' (or 8bit, or none)")
         raw = {**raw, "model": {k: v for k, v in model.items() if k not in ("load_in_4bit", "load_in_8bit")}}
     cfg = _build(FinetuneConfig, raw, "", problems)
-    problems += validate(cfg)  # fields with a type error kept their defaults, so this is safe
+    # Fields with a type error kept their defaults; do not report them a second time.
+    bad = {p.split("'")[1] for p in problems if p.startswith("'")}
+    problems += [p for p in validate(cfg) if not any(f"'{key}'" in p for key in bad)]
     if problems:
         raise ConfigError(source, problems)
     return cfg

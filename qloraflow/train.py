@@ -157,19 +157,41 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, has_eval: bool) ->
         load_best_model_at_end=evaluating and t.early_stopping_patience is not None,
         metric_for_best_model="eval_loss" if evaluating else None, greater_is_better=False,
         seed=cfg.seed, data_seed=cfg.seed,
-        train_sampling_strategy="random" if cfg.tokenize.packing else "group_by_length",
+        **_length_grouping(SFTConfig, not cfg.tokenize.packing),
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, packing=False,
         report_to="none", dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
     )
 
 
+def _length_grouping(args_cls: type, on: bool) -> dict[str, Any]:
+    """Length-grouped batches for unpacked data; the argument was renamed in transformers 5.2x."""
+    fields = getattr(args_cls, "__dataclass_fields__", {})
+    if "train_sampling_strategy" in fields:
+        return {"train_sampling_strategy": "group_by_length" if on else "random"}
+    return {"group_by_length": on}
+
+
+def build_model(cfg: FinetuneConfig, backend: str) -> Any:
+    """The base model with a freshly initialised LoRA adapter, by the chosen backend.
+
+    ``hf``: transformers + bitsandbytes + peft. ``unsloth``: Unsloth's FastLanguageModel with the same
+    quantisation, LoRA shape and seed (its kernels, compiled blocks and offloaded checkpointing).
+    Both save a standard PEFT adapter folder.
+    """
+    if backend == "unsloth":
+        from qloraflow.unsloth_backend import load_unsloth_model
+
+        return load_unsloth_model(cfg)
+    from peft import get_peft_model
+
+    return get_peft_model(load_base_model(cfg), lora_config(cfg))
+
+
 def build_trainer(cfg: FinetuneConfig, model: Any, tokenizer: Any, train_ds: Any, val_ds: Optional[Any],
                   output_dir: Path, callbacks: list[Any]) -> Any:
-    from peft import get_peft_model
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
-    model = get_peft_model(model, lora_config(cfg))
     args = training_arguments(cfg, output_dir, val_ds is not None)
     if args.load_best_model_at_end:
         callbacks = callbacks + [EarlyStoppingCallback(cfg.train.early_stopping_patience)]
@@ -187,6 +209,17 @@ def _progress_callback(tracker: Tracker, output_dir: Path, on_checkpoint: Option
     class Progress(TrainerCallback):
         def __init__(self) -> None:
             self.t0, self.tokens0 = time.time(), 0
+            self.dtypes: dict[str, torch.dtype] = {}
+
+        def on_init_end(self, args, state, control, model=None, **kw):  # noqa: ANN001
+            self.dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+
+        def on_train_begin(self, args, state, control, model=None, **kw):  # noqa: ANN001
+            # Resuming reloads the adapter through peft, which upcasts it to fp32, while TRL trains QLoRA
+            # adapters in bf16: restore the dtypes of the uninterrupted run so resuming changes nothing.
+            for n, p in model.named_parameters():
+                if n in self.dtypes and p.dtype != self.dtypes[n]:
+                    p.data = p.data.to(self.dtypes[n])
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             logs = dict(logs or {})
@@ -242,14 +275,9 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
     # load
     tokenizer = AutoTokenizer.from_pretrained(str(Path(dataset_dir) / "tokenizer"))
     train_ds, val_ds = load_datasets(dataset_dir)
-    if backend == "unsloth":
-        from qloraflow.unsloth_backend import load_unsloth_model
-
-        model = load_unsloth_model(cfg)
-    else:
-        model = load_base_model(cfg)
 
     # build
+    model = build_model(cfg, backend)
     resume_from = ckpt.latest_complete(output_dir / "checkpoints")
     trainer = build_trainer(cfg, model, tokenizer, train_ds, val_ds, output_dir,
                             [_progress_callback(tracker, output_dir, on_checkpoint)])

@@ -1,0 +1,140 @@
+"""Tokenization: labels decode to exactly the assistant content plus EOS; packing is exact."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qloraflow.errors import TemplateError
+from qloraflow.tokenize import (IGNORE_INDEX, TEMPLATES, apply_length_policy, encode_records, ensure_pad_token,
+                                pack_rows, resolve_chat_template)
+
+ALPACA = {"format": "alpaca", "messages": [
+    {"role": "user", "content": "how many customers live in Paris?"},
+    {"role": "assistant", "content": "SELECT COUNT(*) FROM customers WHERE city = 'Paris';"}]}
+SHAREGPT = {"format": "sharegpt", "messages": [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Translate to French: good morning"},
+    {"role": "assistant", "content": "bonjour"}]}
+MULTI = {"format": "messages", "messages": [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Tell me a joke about cats."},
+    {"role": "assistant", "content": "Cats are purrfect."},
+    {"role": "user", "content": "Translate to French: good morning"},
+    {"role": "assistant", "content": "bonjour"}]}
+
+
+def trained_spans(row, tok):
+    """Decode each run of trained tokens separately."""
+    spans, cur = [], []
+    for t, l in zip(row["input_ids"], row["labels"]):
+        if l != IGNORE_INDEX:
+            assert l == t
+            cur.append(t)
+        elif cur:
+            spans.append(tok.decode(cur))
+            cur = []
+    if cur:
+        spans.append(tok.decode(cur))
+    return spans
+
+
+@pytest.mark.parametrize("name", [None, "chatml", "alpaca", "llama-3"])
+@pytest.mark.parametrize("record", [ALPACA, SHAREGPT, MULTI], ids=["alpaca", "sharegpt", "multi-turn"])
+def test_labels_are_exactly_assistant_content_plus_eos(tiny_tokenizer, name, record):
+    tok = copy.deepcopy(tiny_tokenizer)
+    template = resolve_chat_template(tok, name)
+    (row,) = encode_records([record], tok, template, "completions")
+    answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+    eos = tok.eos_token
+    end_marker = {None: eos, "chatml": "<|im_end|>", "alpaca": eos, "llama-3": "<|eot_id|>"}[name]
+    expected = [a + end_marker for a in answers]
+    if end_marker != eos:  # the template ends turns with its own marker: EOS is taught once, at the end
+        expected[-1] += eos
+    assert trained_spans(row, tok) == expected
+    # and nothing of the prompt, system or user turns is trained
+    for m in record["messages"]:
+        if m["role"] != "assistant":
+            assert all(m["content"] not in span for span in trained_spans(row, tok))
+
+
+def test_train_on_all_trains_every_token_but_the_first(tiny_tokenizer):
+    (row,) = encode_records([MULTI], tiny_tokenizer, TEMPLATES["chatml"], "all")
+    assert row["labels"][0] == IGNORE_INDEX
+    assert row["labels"][1:] == row["input_ids"][1:]
+
+
+def test_completion_records_train_raw_text_and_eos(tiny_tokenizer):
+    rec = {"format": "completion", "messages": [{"role": "assistant", "content": "bonjour Paris"}]}
+    (row,) = encode_records([rec], tiny_tokenizer, TEMPLATES["chatml"], "completions")
+    assert tiny_tokenizer.decode(row["input_ids"]) == tiny_tokenizer.bos_token + "bonjour Paris" + tiny_tokenizer.eos_token
+    assert trained_spans(row, tiny_tokenizer) == ["bonjour Paris" + tiny_tokenizer.eos_token]
+
+
+def test_missing_template_is_a_clear_error(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None
+    with pytest.raises(TemplateError, match="set 'tokenize.chat_template' to one of"):
+        resolve_chat_template(tok, None, "models/base")
+    assert resolve_chat_template(tok, "alpaca") == TEMPLATES["alpaca"]
+
+
+def test_missing_pad_token_gets_a_safe_default_and_eos_stays_trained(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.pad_token = None
+    note = ensure_pad_token(tok)
+    assert note and "pad" in note and tok.pad_token is not None
+    (row,) = encode_records([ALPACA], tok, TEMPLATES["chatml"], "completions")
+    trained = [l for l in row["labels"] if l != IGNORE_INDEX]
+    assert trained[-1] == tok.eos_token_id  # EOS trained even if pad == eos: masks are by position
+    assert ensure_pad_token(tok) is None
+
+
+def test_length_policy_counts_truncated_dropped_and_all_masked():
+    rows = [{"input_ids": list(range(10)), "labels": [IGNORE_INDEX] * 5 + list(range(5, 10))},
+            {"input_ids": list(range(4)), "labels": [IGNORE_INDEX] * 4},
+            {"input_ids": list(range(20)), "labels": [IGNORE_INDEX] * 10 + list(range(10, 20))}]
+    kept, counts = apply_length_policy(copy.deepcopy(rows), 12, "truncate")
+    assert counts == {"truncated": 1, "dropped_overlong": 0, "dropped_all_masked": 1}
+    assert [len(r["input_ids"]) for r in kept] == [10, 12]
+    kept, counts = apply_length_policy(copy.deepcopy(rows), 10, "truncate")  # truncation removes every label
+    assert counts == {"truncated": 1, "dropped_overlong": 0, "dropped_all_masked": 2}
+    kept, counts = apply_length_policy(copy.deepcopy(rows), 12, "drop")
+    assert counts == {"truncated": 0, "dropped_overlong": 1, "dropped_all_masked": 1}
+
+
+def test_packing_keeps_every_token_and_restarts_positions():
+    rows = [{"input_ids": [i] * n, "labels": [i] * n} for i, n in enumerate([5, 3, 7, 2, 6, 1], start=1)]
+    packed = pack_rows(rows, 8)
+    assert all(len(p["input_ids"]) <= 8 for p in packed)
+    assert sorted(t for p in packed for t in p["input_ids"]) == sorted(t for r in rows for t in r["input_ids"])
+    for p in packed:
+        starts = [i for i, pos in enumerate(p["position_ids"]) if pos == 0]
+        assert starts[0] == 0 and all(p["input_ids"][s] != p["input_ids"][s - 1] for s in starts[1:])
+    assert len(packed) == 3  # 24 tokens in bins of 8: first-fit-decreasing is optimal here
+
+
+def test_packed_and_unpacked_batches_give_the_same_loss(tiny_tokenizer, tiny_model_dir):
+    """Same examples, same loss: proves no attention crosses example boundaries when packed."""
+    from transformers import AutoModelForCausalLM
+
+    from qloraflow.train import Collator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    rows = encode_records([ALPACA, SHAREGPT, MULTI], tiny_tokenizer, TEMPLATES["chatml"], "completions")
+    packed = pack_rows(rows, 512)
+    assert len(packed) == 1
+    unpacked = Collator(tiny_tokenizer.pad_token_id, padding_free=False)(rows)
+    flat = Collator(tiny_tokenizer.pad_token_id, padding_free=True)(packed)
+    # Training runs without a KV cache (the trainer sets use_cache=False); transformers only reads packed
+    # boundaries from position_ids then, so the test does the same.
+    with torch.no_grad():
+        loss_unpacked = model(**unpacked, use_cache=False).loss
+        loss_packed = model(**flat, use_cache=False).loss
+        # without position resets the examples would see each other, and the loss would differ
+        leaky = dict(flat, position_ids=torch.arange(flat["input_ids"].shape[1])[None])
+        loss_leaky = model(**leaky, use_cache=False).loss
+    assert torch.allclose(loss_packed, loss_unpacked, atol=1e-5), (loss_packed, loss_unpacked)
+    assert not torch.allclose(loss_leaky, loss_unpacked, atol=1e-3)

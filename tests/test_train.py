@@ -1,0 +1,108 @@
+"""QLoRA training on the CPU with the real stack (bitsandbytes 4-bit, peft, trl): what it trains,
+what it freezes, and that a killed run resumes to the same adapter."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny_config
+from qloraflow import train as T
+
+
+def test_4bit_layers_are_nf4_double_quant_and_training_touches_only_lora(tiny_model_dir, tiny_tokenized):
+    import bitsandbytes as bnb
+    from transformers import AutoTokenizer, set_seed
+
+    cfg = tiny_config(tiny_model_dir, **{"train.max_steps": 4, "train.gradient_checkpointing": True})
+    set_seed(cfg.seed)
+    model = T.build_model(cfg, "hf")
+    linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4) == 2 * 7  # every projection of both layers
+    for m in linear4:
+        assert m.weight.quant_state.quant_type == "nf4"
+        assert m.weight.quant_state.nested  # double quantisation of the constants
+        assert m.compute_dtype == torch.bfloat16
+
+    # Compare the state dict: bitsandbytes may repack 4-bit weights in memory for its CPU kernel, and
+    # the state dict always holds the canonical NF4 bytes and quantisation constants.
+    # Compared as raw bytes: packed NF4 stored in bf16 can hold NaN bit patterns, and NaN != NaN.
+    raw = lambda t: t.detach().reshape(-1).contiguous().view(torch.uint8).clone()  # noqa: E731
+    before = {n: raw(t) for n, t in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    train_ds, val_ds = T.load_datasets(tiny_tokenized)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenized / "tokenizer")
+    trainer = T.build_trainer(cfg, model, tok, train_ds, val_ds, Path(cfg.output_dir) / "unused", [])
+    trainer.args.save_strategy = "no"
+    trainer.train()
+    after = {n: raw(t) for n, t in model.state_dict().items()}
+    unchanged = [n for n in trainable if torch.equal(before[n], after[n])]
+    assert unchanged == []  # every LoRA parameter moved
+    changed_frozen = [n for n in before if n not in trainable and not torch.equal(before[n], after[n])]
+    assert changed_frozen == []  # no base weight did
+
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter" / "adapter_model.safetensors")
+
+
+def _train_cli(cfg_path: Path, data: Path, out: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "qloraflow.train", "--config", str(cfg_path), "--data", str(data),
+                             "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_same_seed_same_adapter_and_sigkill_resume_matches(tmp_path, tiny_model_dir, tiny_tokenized):
+    cfg = tiny_config(tiny_model_dir, **{"train.max_steps": 8, "train.save_steps": 2})
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+
+    ref = T.train_adapter(cfg, tiny_tokenized, tmp_path / "a")
+    again = T.train_adapter(cfg, tiny_tokenized, tmp_path / "b")
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # deterministic on the CPU
+    assert ref["train_loss_last"] == again["train_loss_last"]
+
+    # A real process kill after the checkpoint of step 4 is complete (its manifest exists).
+    proc = _train_cli(cfg_path, tiny_tokenized, tmp_path / "c")
+    manifest = tmp_path / "c" / "checkpoints" / "checkpoint-4" / "manifest.json"
+    deadline = time.monotonic() + 240
+    while not manifest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert manifest.exists(), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert not (tmp_path / "c" / "adapter").exists()
+
+    resumed = _train_cli(cfg_path, tiny_tokenized, tmp_path / "c")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resumed_from" in out and "checkpoint-" in out
+    c = _adapter(tmp_path / "c")
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], rtol=1e-4, atol=1e-5)
+    summary = yaml.safe_load((tmp_path / "c" / "train_result.json").read_text())
+    assert summary["resumed_from"] is not None
+    assert summary["train_loss_last"] == pytest.approx(ref["train_loss_last"], rel=1e-4)
+
+
+def test_half_written_last_checkpoint_is_skipped(tmp_path, tiny_model_dir, tiny_tokenized):
+    cfg = tiny_config(tiny_model_dir, **{"train.max_steps": 4, "train.save_steps": 2})
+    T.train_adapter(cfg, tiny_tokenized, tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "checkpoint-4" / "manifest.json").unlink()  # as if killed while writing step 4
+    with pytest.warns(UserWarning, match="checkpoint-4.*no manifest"):
+        summary = T.train_adapter(cfg, tiny_tokenized, tmp_path / "run")
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    assert summary["global_step"] == 4
