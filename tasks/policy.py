@@ -34,7 +34,7 @@ EVAL_RESOURCES = Resources(cpu="4", mem="32Gi", gpu="1")
 SERVE_RESOURCES = Resources(cpu="4", mem="32Gi", gpu="1")
 
 # Retries are for infrastructure failures (node loss, preemption); user errors are raised as
-# FlyteRecoverableException only where a retry can help (see tasks/stages.py).
+# FlyteRecoverableException only where a retry can help (see tasks/train.py).
 RETRIES = 2
 TRAIN_INTERRUPTIBLE = True
 
@@ -57,12 +57,12 @@ def code_version(stage: str) -> str:
     """Hash of the library code that decides a stage's result (its own and earlier stages')."""
     h = hashlib.sha256(b"policy-v1")
     for s in ORDER[: ORDER.index(stage) + 1]:
-        for name in STAGE_MODULES[s]:
-            p = LIBRARY / name
+        files = [LIBRARY / name for name in STAGE_MODULES[s]] + [TASKS / f"{s}.py"]
+        for p in files:
             if p.exists():
-                h.update(name.encode())
+                h.update(p.name.encode())
                 h.update(p.read_bytes())
-    h.update((TASKS / "stages.py").read_bytes())
+    h.update((TASKS / "common.py").read_bytes())
     return h.hexdigest()[:16]
 
 
