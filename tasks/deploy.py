@@ -36,6 +36,7 @@ def deploy_model(config_yaml: str, serve_key: str, merged_dir: FlyteDirectory, m
                          **{k: v for k, v in lat.items() if isinstance(v, (int, float))}})
     tracker.log_artifact(log, "deploy")
     tracker.close()
+    report["mlflow_run_id"] = tracker.run_id
     print_line("deploy", f"smoke {'passed' if report['passed'] else 'FAILED'}; HF agreement "
                          f"{report['hf_agreement']['share']:.2%}; first answer: {report['chat_answers'][:1]}")
     return DeployOutput(report=json.dumps(report, default=str))

@@ -37,4 +37,4 @@ def evaluate_candidate(config_yaml: str, eval_key: str, data_dir: FlyteDirectory
     Deck("evaluation", comparison_html(results, samples))
     for name, m in results.items():
         print_line("evaluate", f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(m.items())))
-    return EvalOutput(metrics=json.dumps(results), samples=json.dumps(samples))
+    return EvalOutput(metrics=json.dumps({**results, "mlflow_run_id": tracker.run_id}), samples=json.dumps(samples))

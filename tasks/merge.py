@@ -43,6 +43,7 @@ def merge_model(config_yaml: str, merge_key: str, train_dir: FlyteDirectory, dat
     tracker.log_metrics({f"merged.{k}": v for k, v in metrics.items()})
     tracker.log_metrics({"max_logit_diff": info["verify"]["max_logit_diff"], "merged_bytes": info["bytes"]})
     tracker.close()
+    info["mlflow_run_id"] = tracker.run_id
     print_line("merge", f"{merged} ({info['bytes'] / 2**20:.1f} MiB {info['dtype']}), max logit diff "
                         f"{info['verify']['max_logit_diff']:.4f}, {gate} {metrics[gate]:.3f}")
     return MergeOutput(merged_dir=FlyteDirectory(str(merged)), report=json.dumps(info, default=str))

@@ -46,8 +46,11 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
     results = json.loads(eval_metrics)
     merge, deploy = json.loads(merge_report), json.loads(deploy_report)
     train = json.loads(train_summary)
+    reports = {"data": json.loads(data_report), "tokenize": json.loads(tok_report), "train": train,
+               "evaluate": {"mlflow_run_id": results.pop("mlflow_run_id", None)}, "merge": merge, "deploy": deploy}
     tracker = MlflowTracker(cfg.tracking.experiment, cfg.tracking.tracking_uri, run_id=pipeline_run_id)
     client = registry.client_for(cfg.tracking.tracking_uri)
+    stages = stage_provenance(client, pipeline_run_id, reports)
     test_key = f"{eval_key}:{data_key}"
     results["champion"] = _champion_metrics(cfg, client, data_dir.download(), tok_dir.download(), test_key)
     results["merged"] = merge["metrics"]
@@ -72,12 +75,12 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
         version = registry.register_model(client, name, f"runs:/{pipeline_run_id}/merged_model", pipeline_run_id, tags)
         decision = registry.promote(client, name, version, results["merged"], results["base"],
                                     cfg.eval.gate_metric, cfg.registry.promotion_margin, bool(deploy.get("passed")))
-    tracker.set_tags({"registry.version": version, "registry.promoted": decision["promoted"],
-                      "registry.reason": decision["reason"]})
+    tracker.set_tags({**{f"stage.{k}": v for k, v in stages.items()}, "registry.version": version,
+                      "registry.promoted": decision["promoted"], "registry.reason": decision["reason"]})
     tracker.close()
-    summary = {"mlflow_run_id": pipeline_run_id, "flyte_execution_id": execution_id(), "data": json.loads(data_report),
-               "tokenize": json.loads(tok_report)["splits"], "train": train, "eval": results,
-               "merged_dir": merge["merged_dir"], "merged_bytes": merge["bytes"],
+    summary = {"mlflow_run_id": pipeline_run_id, "flyte_execution_id": execution_id(), "data": reports["data"],
+               "tokenize": reports["tokenize"]["splits"], "train": train, "eval": results, "stages": stages,
+               "merged_dir": merged_dir.path, "merged_bytes": merge["bytes"],
                "max_logit_diff": merge["verify"]["max_logit_diff"], "registry": {"model": name, "version": version,
                                                                                    **decision},
                "deploy": {"passed": deploy.get("passed"), "hf_agreement": deploy.get("hf_agreement", {}).get("share"),
@@ -85,9 +88,23 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    text = format_summary(summary)
-    print(text, flush=True)
-    return text
+    return format_summary(summary)
+
+
+def stage_provenance(client, pipeline_run_id: str, reports: dict) -> dict[str, str]:  # noqa: ANN001
+    """For each stage: 'ran' in this execution, or 'cached' with the pipeline run that computed it."""
+    out = {}
+    for stage, report in reports.items():
+        run_id = report.get("mlflow_run_id")
+        if not run_id:
+            out[stage] = "ran"
+            continue
+        try:
+            parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        except Exception:  # noqa: BLE001 - the run was deleted: the output still came from the cache
+            parent = None
+        out[stage] = "ran" if parent == pipeline_run_id else f"cached (computed by pipeline run {str(parent)[:8]})"
+    return out
 
 
 def _example(merge: dict, deploy: dict) -> dict:
@@ -105,6 +122,7 @@ def format_summary(s: dict) -> str:
                                                                  "heldout_loss", "heldout_perplexity")})
     lines = ["", "=" * 72, "qloraflow pipeline summary", "=" * 72,
              f"data      read {d.get('read')}  kept {d.get('kept')}  rejected {d.get('rejected')}  ({reasons})",
+             "stages    " + "  ".join(f"{k}: {v.split(' (')[0]}" for k, v in s["stages"].items()),
              f"tokens    " + "  ".join(f"{k}: {v.get('tokens')} ({v.get('trained_tokens')} trained)"
                                        for k, v in s["tokenize"].items()),
              f"train     {t.get('global_step')} steps  loss {t.get('train_loss_first'):.3f} -> "

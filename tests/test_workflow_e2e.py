@@ -85,3 +85,21 @@ def test_second_run_is_served_from_cache_and_registers_nothing(pipeline_runs):
     assert "unchanged: already registered" in second
     client = registry.client_for(pipeline_runs["uri"])
     assert len(registry.list_versions(client, "e2e-tiny-sql")) == 1
+
+
+def test_compare_reads_both_pipeline_runs_and_writes_a_png(pipeline_runs, tmp_path):
+    from qloraflow.compare import compare_main
+
+    png = tmp_path / "compare.png"
+    assert compare_main(["--experiment", "e2e", "--tracking-uri", pipeline_runs["uri"], "--metrics",
+                         "candidate.execution_accuracy", "base.execution_accuracy", "--sort",
+                         "candidate.execution_accuracy", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    from mlflow.tracking import MlflowClient
+
+    from qloraflow.compare import comparison_table, pipeline_runs as runs_of
+
+    runs = runs_of(MlflowClient(pipeline_runs["uri"]), "e2e")
+    assert len(runs) == 2  # one MLflow run per pipeline execution, findable by its Flyte execution id
+    rows = comparison_table(runs, ["train.learning_rate"], ["candidate.execution_accuracy"], None)
+    assert all(r["execution"] for r in rows)
