@@ -1,0 +1,436 @@
+"""Exact and near-duplicate removal: one hash per record, then MinHash LSH over word shingles.
+
+Records are compared in the order given and the first of each cluster is kept, so a caller that
+puts the frozen test records first gets "a train copy of a test record is removed, never the test
+one" for free. Near duplicates are found with datasketch's ``MinHashLSH`` as the index; the
+signatures that go into it are computed here with numpy (all permutations of a block of records
+in one ``(a * x + b) mod 2**32`` matrix operation) and, for large inputs, in worker processes.
+The values are exactly those of ``datasketch.MinHash(num_perm, seed, scheme="affine32")`` fed
+with :func:`shingle_hashes` (a test holds them equal), so the index sees ordinary MinHashes.
+Only records that share a band with another record go through the index (the others can have
+no candidate), and every candidate it returns is verified with the Jaccard similarity estimated
+from the two full signatures (what ``MinHash.jaccard`` computes) before anything is removed::
+
+    from qloraflow.dedupe import dedupe_texts
+    result = dedupe_texts(texts, threshold=0.8, num_perm=128, shingle_size=3)
+    removed = [(i, result.duplicate_of[i]) for i in range(len(texts)) if not result.kept[i]]
+
+``python benchmarks/dedupe.py 10000`` measures throughput against datasketch used as its
+documentation shows.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Hashable, Iterator, Optional, Sequence
+
+import numpy as np
+
+EXACT_DUPLICATE = "exact_duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+
+_U64 = np.uint64
+_U32 = np.uint32
+# Byte classes: 0 separates words; 1 is part of a word (ASCII letters, '_', like regex \w, and every
+# byte of a multi-byte UTF-8 character, so non-Latin words stay words without decoding); 2 is a digit.
+_BYTE_CLASS = np.zeros(256, dtype=np.uint8)
+_BYTE_CLASS[list(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")] = 1
+_BYTE_CLASS[0x80:] = 1
+_BYTE_CLASS[list(b"0123456789")] = 2
+# Polynomial rolling hash of a word's bytes: prefix sums of byte * B**i, rebased by B**-start so a
+# word hashes the same wherever it occurs. B is odd, hence invertible modulo 2**64.
+_BASE = 0x100000001B3
+_BASE_INV = pow(_BASE, -1, 1 << 64)
+_SIG_BLOCK = 4096  # shingles per permutation matrix: 128 x 4,096 uint32 (2 MiB) stays in cache
+_IN_PROCESS_BELOW = 5_000  # below this, forking a worker costs more than it saves
+# (false positive, false negative) weights for datasketch's choice of bands: every candidate is
+# verified, so a false positive costs a comparison while a false negative keeps a duplicate. At
+# 0.8 / 128 permutations this gives 12 bands of 10 rows, which finds a pair at Jaccard 0.85 93% of
+# the time (datasketch's default 9 x 13 finds it 69% of the time).
+_LSH_WEIGHTS = (0.2, 0.8)
+_PREFILTER = True  # offer the index only records that share a band (see shares_a_band); off to test it
+
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser: spreads polynomial hashes over all bits."""
+    h = h ^ (h >> _U64(33))
+    h = h * _U64(0xFF51AFD7ED558CCD)
+    h ^= h >> _U64(33)
+    h = h * _U64(0xC4CEB9FE1A85EC53)
+    return h ^ (h >> _U64(33))
+
+
+def _odd_multipliers(k: int, salt: int) -> np.ndarray:
+    """k fixed, well-mixed odd 64-bit constants (odd: multiplying by one loses no bits)."""
+    return _fmix64((np.arange(1, k + 1, dtype=_U64) + _U64(salt)) * _U64(0x9E3779B97F4A7C15)) | _U64(1)
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser, the pre-mix of datasketch's affine32 scheme."""
+    h = h ^ (h >> _U32(16))
+    h = h * _U32(0x85EBCA6B)
+    h ^= h >> _U32(13)
+    h = h * _U32(0xC2B2AE35)
+    return h ^ (h >> _U32(16))
+
+
+_pow_cache: dict[str, np.ndarray] = {}
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """B**i and B**-i modulo 2**64 for i < n (grown geometrically, cached per process)."""
+    if len(_pow_cache.get("pow", ())) < n:
+        size = max(n, 2 * len(_pow_cache.get("pow", ())), 1 << 16)
+        for key, base in (("pow", _BASE), ("inv", _BASE_INV)):
+            p = np.full(size, base, dtype=_U64)
+            p[0] = 1
+            _pow_cache[key] = np.cumprod(p, dtype=_U64)  # wraps modulo 2**64, which is the point
+    return _pow_cache["pow"], _pow_cache["inv"]
+
+
+def shingle_hashes(texts: Sequence[str], shingle_size: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """64-bit hashes of the word shingles of many texts, computed for all of them at once.
+
+    Text is lowercased and split into words at every byte that is not a letter, digit, ``_`` or
+    part of a non-ASCII character. A text with fewer words than ``shingle_size`` gets a single
+    shingle of all its words; a text without words gets none.
+
+    Args:
+        texts: The texts.
+        shingle_size: Words per shingle (>= 1).
+
+    Returns:
+        ``(hashes, offsets, number_keys)``: the shingle hashes of text ``i`` are
+        ``hashes[offsets[i]:offsets[i + 1]]`` (uint64, in text order, repeats kept);
+        ``number_keys[i]`` hashes the sequence of words that contain a digit (0 when none), so
+        two texts that differ only in a number have different keys.
+    """
+    if shingle_size < 1:
+        raise ValueError(f"shingle_size must be >= 1, got {shingle_size}")
+    n = len(texts)
+    encoded = [t.lower().encode("utf-8", "surrogatepass") for t in texts]
+    # One buffer for all texts; a \x00 before and after each keeps words from running across.
+    buf = np.frombuffer(b"\x00" + b"\x00".join(encoded) + b"\x00", dtype=np.uint8)
+    text_starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum([len(e) + 1 for e in encoded], out=text_starts[1:])
+
+    cls = _BYTE_CLASS.take(buf)
+    is_word = cls != 0
+    w_start = np.flatnonzero(is_word[1:] & ~is_word[:-1]) + 1
+    w_end = np.flatnonzero(is_word[:-1] & ~is_word[1:]) + 1
+    pw, inv = _powers(len(buf))
+    prefix = np.zeros(len(buf) + 1, dtype=_U64)
+    np.multiply(buf, pw[: len(buf)], out=prefix[1:], dtype=_U64)
+    np.cumsum(prefix, out=prefix)
+    words = _fmix64((prefix[w_end] - prefix[w_start]) * inv[w_start])
+
+    # Word -> text, and each text's range of words.
+    w_text = np.searchsorted(text_starts, w_start, side="right") - 1
+    first_word = np.searchsorted(w_text, np.arange(n + 1), side="left")
+    n_words = np.diff(first_word)
+
+    # Shingle at word p = sum_j words[p + j] * M_j over the words of p's text (missing ones count
+    # as 0, which gives short texts their single shingle).
+    k = shingle_size
+    mults = _odd_multipliers(k, 0)  # a different multiplier per position: "a b c" != "c b a"
+    end_of_text = first_word[1:][w_text]
+    padded = np.concatenate([words, np.zeros(k, dtype=_U64)])
+    pos = np.arange(len(words))
+    combined = words * mults[0]
+    for j in range(1, k):
+        part = padded[j: j + len(words)] * mults[j]
+        part[pos + j >= end_of_text] = 0
+        combined += part
+    keep = (pos + k <= end_of_text) | ((pos == first_word[:-1][w_text]) & (n_words[w_text] < k))
+    hashes = _fmix64(combined[keep])
+    counts = np.bincount(w_text[keep], minlength=n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+
+    # Number key: an order-sensitive sum over the words holding a digit.
+    digit_pos = np.flatnonzero(cls == 2)
+    if len(digit_pos) < len(w_start):  # usual text: few digits, find their words
+        digit_word = np.searchsorted(w_start, digit_pos, side="right") - 1
+        numeric = digit_word[np.diff(digit_word, prepend=-1) != 0]
+    else:  # digit-heavy text: the largest class between two word starts is 2 iff a digit is there
+        numeric = np.flatnonzero(np.maximum.reduceat(cls, w_start) == 2)
+    number_keys = np.zeros(n, dtype=_U64)
+    if len(numeric):
+        owner = w_text[numeric]
+        group_start = np.searchsorted(owner, owner, side="left")
+        rank = (np.arange(len(numeric)) - group_start + 1).astype(_U64)
+        np.add.at(number_keys, owner, _fmix64(words[numeric] ^ (rank * _U64(0x9E3779B97F4A7C15))))
+    return hashes, offsets, number_keys
+
+
+def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The affine permutations ``a * x + b mod 2**32`` of datasketch's affine32 scheme.
+
+    Generated exactly as ``datasketch.MinHash(num_perm, seed).permutations`` (a test checks it),
+    without importing datasketch, whose scipy import costs worker processes a second each.
+    """
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=_U32) * _U32(2) + _U32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=_U32)
+    return a, b
+
+
+def minhash_signatures(texts: Sequence[str], num_perm: int = 128, shingle_size: int = 3,
+                       seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MinHash signatures of many texts, vectorised over shingles and permutations.
+
+    Args:
+        texts: The texts.
+        num_perm: Permutations per signature.
+        shingle_size: Words per shingle.
+        seed: Permutation seed (datasketch's default is 1).
+
+    Returns:
+        ``(signatures, has_shingles, number_keys)``: ``signatures`` is ``(len(texts), num_perm)``
+        uint32 and row ``i`` equals the ``hashvalues`` of ``datasketch.MinHash(num_perm, seed,
+        scheme="affine32", hashfunc=int)`` updated with text ``i``'s 64-bit shingle hashes folded to
+        32 bits (``h ^ h >> 32``); rows of texts without words are all ``2**32 - 1``.
+    """
+    a, b = permutations(num_perm, seed)
+    a, b = a[:, None], b[:, None]
+    hashes, offsets, number_keys = shingle_hashes(texts, shingle_size)
+    x = _fmix32((hashes ^ (hashes >> _U64(32))).astype(_U32))
+    n = len(texts)
+    sigs = np.full((num_perm, n), np.iinfo(_U32).max, dtype=_U32)
+    has = offsets[1:] > offsets[:-1]
+    # Blocks of whole records with about _SIG_BLOCK shingles keep the (permutations x shingles)
+    # matrix in cache; one buffer is reused, so the loop allocates little per block. Permutations
+    # run along rows so each record's minimum is a reduction over contiguous memory.
+    bounds = np.searchsorted(offsets, np.arange(0, offsets[-1], _SIG_BLOCK), side="right") - 1
+    bounds = np.unique(np.concatenate([bounds, [n]]))
+    longest = int(np.max(np.diff(offsets[bounds]), initial=1))
+    work = np.empty((num_perm, max(longest, 1)), dtype=_U32)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        rows = np.flatnonzero(has[lo:hi]) + lo  # reduceat cannot express an empty record
+        if not len(rows):
+            continue
+        xs = x[offsets[lo]: offsets[hi]]
+        m = work[:, : len(xs)]
+        np.multiply(a, xs[None, :], out=m)
+        m += b
+        sigs[:, rows] = np.minimum.reduceat(m, offsets[rows] - offsets[lo], axis=1)
+    return np.ascontiguousarray(sigs.T), has, number_keys
+
+
+def jaccard(text_a: str, text_b: str, shingle_size: int = 3) -> float:
+    """Exact Jaccard similarity of two texts' shingle sets (1.0 when both have none)."""
+    hashes, offsets, _ = shingle_hashes([text_a, text_b], shingle_size)
+    sa, sb = set(hashes[: offsets[1]].tolist()), set(hashes[offsets[1]:].tolist())
+    union = len(sa | sb)
+    return len(sa & sb) / union if union else 1.0
+
+
+@dataclass
+class DedupeResult:
+    """What happened to each input record, by position.
+
+    Attributes:
+        duplicate_of: Index of the kept record each removed one duplicates; -1 for kept records.
+        reason: ``"exact_duplicate"``, ``"near_duplicate"`` or None (kept).
+        similarity: Estimated Jaccard similarity to ``duplicate_of`` (1.0 for exact duplicates).
+        lsh_params: ``(bands, rows)`` of the LSH index used.
+    """
+
+    duplicate_of: np.ndarray
+    reason: list[Optional[str]]
+    similarity: np.ndarray
+    lsh_params: tuple[int, int] = (0, 0)
+
+    @property
+    def kept(self) -> np.ndarray:
+        return self.duplicate_of < 0
+
+
+def band_keys(sigs: np.ndarray, hashranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``(records, bands)`` uint64 keys: a hash of each LSH band's values (equal bands, equal keys)."""
+    out = np.empty((len(sigs), len(hashranges)), dtype=_U64)
+    for b, (lo, hi) in enumerate(hashranges):
+        band = sigs[:, lo:hi].astype(_U64)
+        out[:, b] = _fmix64(band @ _odd_multipliers(hi - lo, 1000) + _U64(b))  # the product wraps mod 2**64
+    return out
+
+
+def _signature_chunk(args: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Signatures (salted by number keys when numbers must match), and their band keys.
+
+    The worker entry point: module level so it pickles.
+    """
+    texts, num_perm, shingle_size, seed, distinct_numbers, hashranges = args
+    sigs, has, numbers = minhash_signatures(texts, num_perm, shingle_size, seed)
+    if distinct_numbers:
+        sigs ^= (numbers ^ (numbers >> _U64(32))).astype(_U32)[:, None]
+    else:
+        numbers[:] = 0
+    return sigs, has, numbers, band_keys(sigs, hashranges)
+
+
+def _signature_stream(texts: Sequence[str], args: tuple, num_workers: int,
+                      chunk_size: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """:func:`_signature_chunk` over ``texts`` chunk by chunk, in order; in worker processes when asked.
+
+    At most ``2 * num_workers + 1`` chunks are in flight, so memory stays bounded whatever the
+    input size.
+    """
+    chunks = (list(texts[i: i + chunk_size]) for i in range(0, len(texts), chunk_size))
+    if num_workers < 1:
+        for chunk in chunks:
+            yield _signature_chunk((chunk, *args))
+        return
+    # fork where there is one: spawn and forkserver re-import the caller's __main__, so a script
+    # without an `if __name__ == "__main__"` guard would start over in every worker. The workers
+    # only run numpy on the texts they are sent and touch no lock the parent's threads may hold.
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with cf.ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_signature_chunk, (chunk, *args)))
+            if len(pending) > 2 * num_workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def default_workers() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def shares_a_band(keys: np.ndarray, has: np.ndarray) -> np.ndarray:
+    """Per record: does one of its band keys occur in another record's too?
+
+    A record that shares no band with any other can neither be returned by an LSH query nor get
+    a candidate from one, so it is kept without touching the index. That is most records: only
+    duplicates, their originals and chance band collisions remain (all verified as usual).
+    """
+    rows = np.flatnonzero(has)
+    _, inverse, counts = np.unique(keys[rows].ravel(), return_inverse=True, return_counts=True)
+    shared = np.zeros(len(keys), dtype=bool)
+    shared[rows] = (counts[inverse] > 1).reshape(len(rows), keys.shape[1]).any(axis=1)
+    return shared
+
+
+class _NearDuplicateIndex:
+    """The records kept so far: a ``datasketch.MinHashLSH``, and the signatures to verify with.
+
+    Records are offered in order by position (the LSH key). Each is queried, its candidates
+    verified, and it is either reported as a near duplicate or inserted.
+    """
+
+    def __init__(self, signatures: np.ndarray, numbers: np.ndarray, threshold: float, seed: int):
+        from datasketch import LeanMinHash, MinHashLSH  # lazy: scipy makes this a 1 s import
+
+        self.signatures, self.numbers = signatures, numbers
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=signatures.shape[1], weights=_LSH_WEIGHTS)
+        self.threshold, self.seed = threshold, seed
+        self._sketch_type = LeanMinHash
+
+    def _sketch(self, hashvalues: np.ndarray):
+        # LeanMinHash's constructor checks the values' range (a max and a min per record), which
+        # costs as much as a query; these are the affine32 scheme's uint32 by construction.
+        sketch = object.__new__(self._sketch_type)
+        sketch.seed, sketch.scheme, sketch.hashvalues = self.seed, "affine32", hashvalues
+        return sketch
+
+    def offer(self, p: int) -> Optional[tuple[int, float]]:
+        """``(kept position, similarity)`` when record ``p`` is a near duplicate, else None (inserted)."""
+        sig = self.signatures[p]
+        sketch = self._sketch(sig)
+        best, best_sim = -1, -1.0
+        for c in self.lsh.query(sketch):
+            if self.numbers[c] != self.numbers[p]:
+                continue  # the salts collided; the numbers still differ
+            sim = np.count_nonzero(self.signatures[c] == sig) / len(sig)
+            if sim >= self.threshold and (sim > best_sim or (sim == best_sim and c < best)):
+                best, best_sim = c, sim
+        if best >= 0:
+            return best, best_sim
+        self.lsh.insert(p, sketch, check_duplication=False)
+        return None
+
+
+def dedupe_texts(texts: Sequence[str], *, exact_keys: Optional[Sequence[Hashable]] = None,
+                 threshold: float = 0.8, num_perm: int = 128, shingle_size: int = 3,
+                 distinct_numbers: bool = True, num_workers: Optional[int] = None,
+                 chunk_size: int = 500, seed: int = 1) -> DedupeResult:
+    """Mark exact and near duplicates, keeping the first record of each cluster.
+
+    Exact duplicates share ``exact_keys[i]`` (default: the text itself). The other records are
+    MinHashed (in worker processes for large inputs); those that share an LSH band with another
+    record are then offered in order to a ``datasketch.MinHashLSH`` of the records kept so far.
+    Every candidate is verified with the Jaccard similarity estimated from the two full
+    signatures (what ``MinHash.jaccard`` computes); the record is removed as a near duplicate of
+    the most similar candidate at or above ``threshold`` (the earliest on ties), or kept and
+    inserted. Removed records are never inserted, so ``duplicate_of`` always names a kept record.
+
+    Args:
+        texts: Normalised record texts, in priority order (earlier wins).
+        exact_keys: Identity of each record for exact deduplication (e.g. a content hash).
+        threshold: Jaccard similarity at or above which two records are near duplicates.
+        num_perm: MinHash permutations.
+        shingle_size: Words per shingle.
+        distinct_numbers: When true, records whose digit-bearing words differ (templated examples
+            such as "rows where age > 30" vs "> 31") are never near duplicates: their number key
+            salts the signature, so they do not even meet in the index.
+        num_workers: Processes that compute signatures; 0: compute them here. Default: one per
+            CPU, and 0 for inputs under 5,000 records (starting workers costs more than it saves).
+        chunk_size: Records per worker task.
+        seed: MinHash permutation seed.
+
+    Returns:
+        A :class:`DedupeResult` indexed like ``texts``.
+    """
+    n = len(texts)
+    duplicate_of = np.full(n, -1, dtype=np.int64)
+    reason: list[Optional[str]] = [None] * n
+    similarity = np.zeros(n, dtype=np.float32)
+
+    first: dict[Hashable, int] = {}
+    unique: list[int] = []
+    for i, key in enumerate(texts if exact_keys is None else exact_keys):
+        j = first.setdefault(key, i)
+        if j != i:
+            duplicate_of[i], reason[i], similarity[i] = j, EXACT_DUPLICATE, 1.0
+        else:
+            unique.append(i)
+    del first
+
+    # Pass 1: signatures and band keys of every remaining record, on all CPUs.
+    signatures = np.empty((len(unique), num_perm), dtype=_U32)
+    numbers = np.zeros(len(unique), dtype=_U64)
+    index = _NearDuplicateIndex(signatures, numbers, threshold, seed)
+    keys = np.empty((len(unique), index.lsh.b), dtype=_U64)
+    has = np.zeros(len(unique), dtype=bool)
+    workers = default_workers() if num_workers is None else num_workers
+    if len(unique) < _IN_PROCESS_BELOW:
+        workers = 0
+    args = (num_perm, shingle_size, seed, distinct_numbers, index.lsh.hashranges)
+    pos = 0
+    for chunk in _signature_stream([texts[i] for i in unique], args, workers, chunk_size):
+        for array, part in zip((signatures, has, numbers, keys), chunk):
+            array[pos: pos + len(part)] = part
+        pos += len(chunk[0])
+
+    # Pass 2, in order: only records that share a band with another can be or have a duplicate.
+    for p in np.flatnonzero(shares_a_band(keys, has) if _PREFILTER else has).tolist():
+        found = index.offer(p)
+        if found:
+            i = unique[p]
+            duplicate_of[i], reason[i], similarity[i] = unique[found[0]], NEAR_DUPLICATE, found[1]
+    # An exact copy of a record removed as a near duplicate is a near duplicate of the kept one.
+    for i in np.flatnonzero(duplicate_of >= 0):
+        j = duplicate_of[i]
+        if reason[j] == NEAR_DUPLICATE:
+            duplicate_of[i], reason[i], similarity[i] = duplicate_of[j], NEAR_DUPLICATE, similarity[j]
+    return DedupeResult(duplicate_of, reason, similarity, (index.lsh.b, index.lsh.r))
