@@ -45,10 +45,14 @@ class DataConfig:
     min_output_chars: int = _f(1, "Records whose answer is shorter than this (after cleaning) are rejected.")
     max_chars: int = _f(20000, "Records longer than this many characters in total are rejected.")
     max_repetition: float = _f(0.5, "Reject records whose most frequent word 3-gram covers more than this share.")
+    max_tokens: Optional[int] = _f(None, "Reject records with more tokens than this (base model's tokenizer); None: no limit.")
     redact_pii: bool = _f(False, "Replace e-mail addresses and phone numbers by placeholders.")
     near_dup_threshold: float = _f(0.8, "Estimated Jaccard similarity above which two records are near duplicates.")
     minhash_num_perm: int = _f(128, "MinHash permutations (more: better estimate, slower).")
     shingle_size: int = _f(3, "Words per shingle for MinHash.")
+    near_dup_distinct_numbers: bool = _f(True, "Records that differ only in digit-bearing words (templated examples) "
+                                               "are never near duplicates.")
+    dedupe_workers: Optional[int] = _f(None, "Processes computing MinHash signatures; None: every CPU.")
     max_reject_rate: float = _f(0.5, "Fail the stage when more than this share of records is rejected.")
 
 
@@ -130,7 +134,8 @@ class EvalConfig:
 class MergeConfig:
     """Merging the adapter into 16-bit base weights."""
 
-    logits_atol: float = _f(0.05, "Largest allowed |merged - adapter| logit difference on held-out prompts.")
+    logits_rtol: float = _f(0.02, "Largest allowed |merged - adapter| logit difference on held-out prompts, "
+                                  "relative to the largest logit.")
     metric_tolerance: float = _f(0.02, "Largest allowed drop of the gate metric from adapter to merged model.")
 
 

@@ -26,7 +26,14 @@ def prepare_data(config_yaml: str, data_key: str, pipeline_run_id: str) -> DataO
     out = work_dir("data")
     tracker = stage_tracker(cfg, "data", pipeline_run_id)
     try:
-        report = prepare_dataset(cfg.data, out, seed=cfg.seed)
+        tokenizer = None
+        if cfg.data.max_tokens is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model.base_model, revision=cfg.model.revision)
+        report = prepare_dataset(cfg.data, out, seed=cfg.seed, tokenizer=tokenizer, max_tokens=cfg.data.max_tokens,
+                                 distinct_numbers=cfg.data.near_dup_distinct_numbers,
+                                 num_workers=cfg.data.dedupe_workers)
     except Exception:
         tracker.close("FAILED")
         raise

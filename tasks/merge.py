@@ -30,7 +30,7 @@ def merge_model(config_yaml: str, merge_key: str, train_dir: FlyteDirectory, dat
     data, tok = data_dir.download(), tok_dir.download()
     metrics, samples = evaluate_model(cfg, str(merged), data, tok)
     prompts = [s["prompt"] for s in samples[:8]]
-    info["verify"] = verify_merge(cfg.model.base_model, adapter, merged, prompts, cfg.merge.logits_atol,
+    info["verify"] = verify_merge(cfg.model.base_model, adapter, merged, prompts, cfg.merge.logits_rtol,
                                   cfg.model.compute_dtype)
     gate = cfg.eval.gate_metric
     adapter_metric = json.loads(candidate_metrics)["candidate"][gate]
