@@ -5,8 +5,10 @@ PYTHON      ?= python3
 VENV        := .venv
 SERVE_VENV  := .venv-serve
 PY          := $(VENV)/bin/python
-# Local Flyte runs keep task outputs under TMPDIR: keep them in the checkout so the cache stays valid.
+# Local Flyte runs keep task outputs under TMPDIR and the cache index under $HOME/.flyte: keep both in
+# the checkout, so a cache entry never points at outputs that are gone (make clean drops both).
 export TMPDIR := $(CURDIR)/.cache/tmp
+FLYTE_HOME  := $(CURDIR)/.cache/home
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
@@ -43,7 +45,8 @@ assets: setup-train
 	$(PY) -m qloraflow.demo --out build/demo --seed 0
 
 demo: setup assets
-	$(VENV)/bin/pyflyte run workflows/finetune.py finetune --config configs/tiny.yaml
+	@mkdir -p $(FLYTE_HOME)
+	HOME=$(FLYTE_HOME) $(VENV)/bin/pyflyte run workflows/finetune.py finetune --config configs/tiny.yaml
 
 test: setup
 	$(PY) -m pytest tests -q -ra --durations=15
@@ -61,4 +64,4 @@ lock:
 	$(SERVE_VENV)/bin/pip freeze > requirements/serve.lock
 
 clean:
-	rm -rf build outputs .cache mlflow.db mlruns mlartifacts ~/.flyte/local-cache
+	rm -rf build outputs .cache mlflow.db mlruns mlartifacts

@@ -122,7 +122,7 @@ class TrainConfig:
 class EvalConfig:
     """Held-out evaluation, identical for base and fine-tuned models."""
 
-    metrics: list[str] = _f(["exact_match"], "Task metrics: exact_match, execution_accuracy (SQL).")
+    metrics: list[str] = _f(["exact_match"], "Task metrics: exact_match, execution_accuracy (SQL), rouge_l, chrf.")
     sqlite_db: Optional[str] = _f(None, "SQLite database that execution_accuracy runs queries against.")
     max_samples: int = _f(200, "Test records evaluated (first N of the frozen test split).")
     max_new_tokens: int = _f(64, "Generation limit per answer.")
@@ -214,7 +214,7 @@ CHOICES = {
     "train.backend": {"hf", "unsloth", "auto"},
     "train.lr_scheduler": {"cosine", "linear", "constant", "constant_with_warmup"},
 }
-EVAL_METRICS = {"exact_match", "execution_accuracy"}
+EVAL_METRICS = {"exact_match", "execution_accuracy", "rouge_l", "chrf"}
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

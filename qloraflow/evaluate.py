@@ -13,6 +13,7 @@ Task metrics:
   literals are case-sensitive).
 - ``execution_accuracy``: the answer, run read-only against the SQLite database, returns the same
   rows as the reference (order-insensitive unless the reference has ORDER BY).
+- ``rouge_l`` (rouge-score) and ``chrf`` (sacrebleu), for free text, averaged per answer, in [0, 1].
 - ``eos_rate``: share of generations that end with EOS before the token limit (always reported).
 """
 
@@ -137,6 +138,20 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(set(ids if isinstance(ids, list) else [ids]))
 
 
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scorer = RougeScorer(["rougeL"], use_stemmer=False)
+    return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / max(len(references), 1)
+
+
+def chrf(predictions: list[str], references: list[str]) -> float:
+    from sacrebleu.metrics import CHRF
+
+    metric = CHRF()
+    return sum(metric.sentence_score(p, [r]).score for p, r in zip(predictions, references)) / 100 / max(len(references), 1)
+
+
 def score(answers: list[str], refs: list[str], ended: list[bool], metrics: list[str],
           sqlite_db: Optional[str]) -> dict[str, float]:
     n = max(len(refs), 1)
@@ -145,6 +160,10 @@ def score(answers: list[str], refs: list[str], ended: list[bool], metrics: list[
         out["exact_match"] = sum(exact_match(a, r) for a, r in zip(answers, refs)) / n
     if "execution_accuracy" in metrics:
         out["execution_accuracy"] = sum(execution_match(a, r, sqlite_db) for a, r in zip(answers, refs)) / n
+    if "rouge_l" in metrics:
+        out["rouge_l"] = rouge_l(answers, refs)
+    if "chrf" in metrics:
+        out["chrf"] = chrf(answers, refs)
     return out
 
 

@@ -84,6 +84,7 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
                "max_logit_diff": merge["verify"]["max_logit_diff"], "registry": {"model": name, "version": version,
                                                                                    **decision},
                "deploy": {"passed": deploy.get("passed"), "hf_agreement": deploy.get("hf_agreement", {}).get("share"),
+                          "vllm_exact_match": _served_exact_match(merge, deploy),
                           "example": _example(merge, deploy), "latency": deploy.get("latency")}}
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,14 @@ def stage_provenance(client, pipeline_run_id: str, reports: dict) -> dict[str, s
             parent = None
         out[stage] = "ran" if parent == pipeline_run_id else f"cached (computed by pipeline run {str(parent)[:8]})"
     return out
+
+
+def _served_exact_match(merge: dict, deploy: dict) -> float | None:
+    """Share of the server's chat answers that equal the held-out reference answers."""
+    from qloraflow.evaluate import exact_match
+
+    answers, refs = deploy.get("chat_answers") or [], [s["reference"] for s in merge["samples"]]
+    return sum(exact_match(a, r) for a, r in zip(answers, refs)) / len(answers) if answers else None
 
 
 def _example(merge: dict, deploy: dict) -> dict:
@@ -137,7 +146,8 @@ def format_summary(s: dict) -> str:
     lines += [f"merged    {s['merged_dir']}  ({s['merged_bytes'] / 2**20:.1f} MiB, max logit diff "
               f"{s['max_logit_diff']:.4f})",
               f"registry  {r['model']} version {r['version']}  promoted={r['promoted']}  ({r['reason']})",
-              f"vLLM      smoke {'passed' if dep['passed'] else 'FAILED'}  HF agreement {dep['hf_agreement']}",
+              f"vLLM      smoke {'passed' if dep['passed'] else 'FAILED'}  greedy answers identical to HF generate: "
+              f"{dep['hf_agreement']}  exact match of served answers: {dep['vllm_exact_match']}",
               f"          Q: {dep['example'].get('question')}",
               f"          A: {dep['example'].get('vllm_answer')}",
               f"mlflow    run {s['mlflow_run_id']}  (flyte execution {s['flyte_execution_id']})", "=" * 72]

@@ -54,11 +54,12 @@ def pipeline_runs(tmp_path_factory, mlflow_server):
     (root / "tmp").mkdir()
     env = dict(os.environ, HOME=str(root / "home"), TMPDIR=str(root / "tmp"), MLFLOW_TRACKING_URI=mlflow_server,
                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    summary_file = root / "outputs" / cfg["name"] / "summary.json"
     first, t_first = _pyflyte(config, env)
+    summary = json.loads(summary_file.read_text())
     second, t_second = _pyflyte(config, env)
-    summary = json.loads((root / "outputs" / cfg["name"] / "summary.json").read_text())
     return {"first": first, "second": second, "t_first": t_first, "t_second": t_second, "summary": summary,
-            "cfg": cfg, "uri": mlflow_server}
+            "second_summary": json.loads(summary_file.read_text()), "cfg": cfg, "uri": mlflow_server}
 
 
 def test_pipeline_fine_tunes_serves_and_registers(pipeline_runs):
@@ -73,6 +74,8 @@ def test_pipeline_fine_tunes_serves_and_registers(pipeline_runs):
     assert cand["execution_accuracy"] > base["execution_accuracy"]
     assert cand["heldout_loss"] < base["heldout_loss"]
     assert s["deploy"]["passed"] is True
+    assert s["deploy"]["hf_agreement"] >= 0.95  # vLLM greedy == HF generate greedy on the held-out prompts
+    assert s["deploy"]["vllm_exact_match"] >= 0.5  # the served model answers held-out SQL questions correctly
     assert s["registry"]["version"] == "1" and s["registry"]["promoted"] is True
     assert "qloraflow pipeline summary" in pipeline_runs["first"]
 
@@ -83,6 +86,8 @@ def test_second_run_is_served_from_cache_and_registers_nothing(pipeline_runs):
     second = pipeline_runs["second"]
     assert pipeline_runs["t_second"] < 0.5 * pipeline_runs["t_first"], (pipeline_runs["t_first"], pipeline_runs["t_second"])
     assert "unchanged: already registered" in second
+    stages = pipeline_runs["second_summary"]["stages"]
+    assert all(v.startswith("cached") for v in stages.values()), stages  # and the summary says so
     client = registry.client_for(pipeline_runs["uri"])
     assert len(registry.list_versions(client, "e2e-tiny-sql")) == 1
 
