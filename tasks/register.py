@@ -75,6 +75,8 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
         version = registry.register_model(client, name, f"runs:/{pipeline_run_id}/merged_model", pipeline_run_id, tags)
         decision = registry.promote(client, name, version, results["merged"], results["base"],
                                     cfg.eval.gate_metric, cfg.registry.promotion_margin, bool(deploy.get("passed")))
+    if decision["promoted"]:
+        decision["manifests"] = str(render_champion_manifests(cfg, version))
     tracker.set_tags({**{f"stage.{k}": v for k, v in stages.items()}, "registry.version": version,
                       "registry.promoted": decision["promoted"], "registry.reason": decision["reason"]})
     tracker.close()
@@ -90,6 +92,20 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return format_summary(summary)
+
+
+def render_champion_manifests(cfg, version: str) -> Path:  # noqa: ANN001
+    """A new champion gets its serving manifests (rolling update); earlier versions' folders stay for rollback."""
+    from qloraflow.deploy import render_manifests, validate_manifests, write_manifests
+
+    root = Path(cfg.output_dir) / cfg.name / "deploy"
+    for target in ("k8s", "kserve"):
+        manifests = render_manifests(f"models:/{cfg.registry.model_name}@champion", cfg.registry.model_name, version,
+                                     target=target, max_model_len=cfg.serve.max_model_len,
+                                     tracking_uri=cfg.tracking.tracking_uri)
+        validate_manifests(manifests)
+        write_manifests(root / target, manifests, version)
+    return root
 
 
 def stage_provenance(client, pipeline_run_id: str, reports: dict) -> dict[str, str]:  # noqa: ANN001
@@ -146,6 +162,7 @@ def format_summary(s: dict) -> str:
     lines += [f"merged    {s['merged_dir']}  ({s['merged_bytes'] / 2**20:.1f} MiB, max logit diff "
               f"{s['max_logit_diff']:.4f})",
               f"registry  {r['model']} version {r['version']}  promoted={r['promoted']}  ({r['reason']})",
+              *([f"          serving manifests for the champion: {r['manifests']}"] if r.get("manifests") else []),
               f"vLLM      smoke {'passed' if dep['passed'] else 'FAILED'}  greedy answers identical to HF generate: "
               f"{dep['hf_agreement']}  exact match of served answers: {dep['vllm_exact_match']}",
               f"          Q: {dep['example'].get('question')}",

@@ -40,6 +40,28 @@ def model_fingerprint(model: str, revision: str | None) -> str:
     return h.hexdigest()[:16]
 
 
+def environment_tags() -> dict[str, str]:
+    """Package versions and the git commit: what a run needs to be reproduced."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "trl", "datasets", "flytekit", "mlflow", "unsloth"):
+        try:
+            tags[f"version.{pkg}"] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
+                               cwd=Path(__file__).resolve().parent).stdout.strip()
+        tags["git.commit"] = commit + ("-dirty" if dirty else "") if commit else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        tags["git.commit"] = "unknown"
+    return tags
+
+
 def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -66,7 +88,7 @@ def resolve_config(config: FlyteFile) -> Resolved:
                             tags={"flyte.execution_id": execution_id(), "qloraflow.pipeline": "finetune",
                                   "dataset.hash": data_hash, "config.hash": cfg.hash(),
                                   "model.base": cfg.model.base_model, "model.revision": cfg.model.revision or "",
-                                  "model.fingerprint": model_fp})
+                                  "model.fingerprint": model_fp, **environment_tags()})
     flat = {f"{sec}.{k}": v for sec, vals in d.items() if isinstance(vals, dict) for k, v in vals.items()}
     tracker.log_params({**flat, "name": cfg.name, "seed": cfg.seed})
     tracker.log_dict(d, "config.json")

@@ -77,6 +77,9 @@ def test_pipeline_fine_tunes_serves_and_registers(pipeline_runs):
     assert s["deploy"]["hf_agreement"] >= 0.95  # vLLM greedy == HF generate greedy on the held-out prompts
     assert s["deploy"]["vllm_exact_match"] >= 0.5  # the served model answers held-out SQL questions correctly
     assert s["registry"]["version"] == "1" and s["registry"]["promoted"] is True
+    manifests = Path(s["registry"]["manifests"])  # the new champion's serving manifests, per target
+    assert (manifests / "k8s" / "current").read_text().strip() == "1"
+    assert any((manifests / "kserve" / "1").glob("*.yaml"))
     assert "qloraflow pipeline summary" in pipeline_runs["first"]
 
 
