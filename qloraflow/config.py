@@ -128,6 +128,9 @@ class EvalConfig:
     max_new_tokens: int = _f(64, "Generation limit per answer.")
     batch_size: int = _f(16, "Prompts per generation batch.")
     gate_metric: str = _f("exact_match", "Metric the promotion gate compares.")
+    judge_base_url: Optional[str] = _f(None, "OpenAI-compatible endpoint of an LLM judge (e.g. http://host:8000/v1); "
+                                             "None: no LLM-as-judge.")
+    judge_model: str = _f("judge", "Model name the judge endpoint serves.")
 
 
 @dataclass

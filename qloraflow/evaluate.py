@@ -197,9 +197,65 @@ def evaluate_model(cfg: Any, model_dir: str, data_dir: str | os.PathLike, tok_di
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     answers, ended = generate_greedy(model, tokenizer, prompts, e.max_new_tokens, e.batch_size)
     metrics.update(score(answers, refs, ended, e.metrics, e.sqlite_db))
+    if e.judge_base_url:
+        questions = [c[-1]["content"] for c in chats]
+        judged = judge_answers(e.judge_base_url, e.judge_model, questions, refs, answers)
+        if judged["judge_score"] is not None:
+            metrics["judge_score"] = judged["judge_score"]
     samples = [{"messages": c, "prompt": p, "reference": r, "answer": a, "ended_with_eos": d}
                for c, p, r, a, d in zip(chats, prompts, refs, answers, ended)]
     return metrics, samples
+
+
+JUDGE_PROMPT = (
+    "You grade answers. Question:\n{question}\n\nReference answer:\n{reference}\n\nCandidate answer:\n{answer}\n\n"
+    "How well does the candidate answer the question, given the reference? Reply with one line "
+    "'SCORE: N' where N is 1 (wrong) to 5 (fully correct).")
+
+
+def judge_answers(base_url: str, model: str, questions: list[str], references: list[str], answers: list[str],
+                  timeout_s: float = 60.0) -> dict[str, Any]:
+    """LLM-as-judge through any OpenAI-compatible endpoint (off unless ``eval.judge_base_url`` is set).
+
+    Returns:
+        ``{"scores": [1..5 or None], "judge_score": mean of the parsed scores scaled to [0, 1] (or None),
+        "unparsed": replies without a 'SCORE: N' line}``.
+    """
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), timeout=timeout_s,
+                    max_retries=1)
+    scores: list[Optional[int]] = []
+    for q, r, a in zip(questions, references, answers):
+        reply = client.chat.completions.create(
+            model=model, temperature=0.0, max_tokens=16,
+            messages=[{"role": "user", "content": JUDGE_PROMPT.format(question=q, reference=r, answer=a)}])
+        m = re.search(r"SCORE:\s*([1-5])", reply.choices[0].message.content or "")
+        scores.append(int(m.group(1)) if m else None)
+    parsed = [x for x in scores if x is not None]
+    return {"scores": scores, "unparsed": len(scores) - len(parsed),
+            "judge_score": (sum(parsed) / len(parsed) - 1) / 4 if parsed else None}
+
+
+def comparison_png(results: dict[str, dict[str, float]], path: str | os.PathLike) -> str:
+    """Bar chart of the [0, 1] metrics of each model (base, candidate, ...), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for m in results.values() for k, v in m.items() if 0.0 <= v <= 1.0})
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(len(results), 1)
+    for i, (name, m) in enumerate(results.items()):
+        ax.bar([j + i * width for j in range(len(keys))], [m.get(k, 0.0) for k in keys], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys, rotation=15)
+    ax.set(ylim=(0, 1), title="held-out metrics")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
 
 
 def comparison_html(results: dict[str, dict[str, float]], samples: dict[str, list[dict]], limit: int = 10) -> str:

@@ -9,9 +9,9 @@ from pathlib import Path
 from flytekit import Deck, task
 from flytekit.types.directory import FlyteDirectory
 
-from qloraflow.evaluate import comparison_html, evaluate_model
+from qloraflow.evaluate import comparison_html, comparison_png, evaluate_model
 from tasks import policy
-from tasks.common import config_of, print_line, stage_tracker
+from tasks.common import config_of, print_line, stage_tracker, work_dir
 
 EvalOutput = typing.NamedTuple("EvalOutput", [("metrics", str), ("samples", str)])
 
@@ -33,6 +33,7 @@ def evaluate_candidate(config_yaml: str, eval_key: str, data_dir: FlyteDirectory
     table = {"prompt": [s["prompt"] for s in samples["base"]], "reference": [s["reference"] for s in samples["base"]],
              "base": [s["answer"] for s in samples["base"]], "candidate": [s["answer"] for s in samples["candidate"]]}
     tracker.log_table(table, "eval_samples.json")
+    tracker.log_artifact(comparison_png(results, work_dir("evaluate") / "comparison.png"), "evaluate")
     tracker.close()
     Deck("evaluation", comparison_html(results, samples))
     for name, m in results.items():

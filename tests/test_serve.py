@@ -23,6 +23,7 @@ import pytest
 
 from qloraflow.config import ServeConfig
 from qloraflow.errors import ServeError
+from qloraflow.evaluate import judge_answers
 from qloraflow.serve import (VllmServer, compare_with_hf, find_free_port, port_is_free, process_group_members,
                              smoke_test_server)
 
@@ -136,12 +137,14 @@ def served(tiny_model_dir, tmp_path_factory):
         t1 = time.monotonic()
         report = smoke_test_server(srv.base_url, "tiny", PROMPTS, max_tokens=MAX_TOKENS, timeout_s=60)
         smoke_s = time.monotonic() - t1
+        judged = judge_answers(srv.base_url, "tiny", ["how many customers?"] * 2, ["SELECT COUNT(*);"] * 2,
+                               ["SELECT COUNT(*);", "no idea"])
         t2 = time.monotonic()
     stop_s = time.monotonic() - t2
     agreement = compare_with_hf(report["chat_answers"] + report["completion_answers"], hf_chat + hf_completion)
     print(f"\nvLLM start {start_s:.1f} s, smoke suite {smoke_s:.1f} s, stop {stop_s:.1f} s, "
           f"HF agreement {agreement['share']:.2f}, latency {report['latency']}")
-    return {"srv": srv, "report": report, "agreement": agreement, "members_while_up": members_while_up,
+    return {"srv": srv, "report": report, "agreement": agreement, "judged": judged, "members_while_up": members_while_up,
             "members_after": process_group_members(srv.pid), "port_free_after": port_is_free("127.0.0.1", srv.port),
             "healthy_after": srv.health(), "log": log}
 
@@ -159,6 +162,16 @@ def test_smoke_suite_answers_chat_completion_and_stream(served):
     assert 0 < lat["ttft_s"] <= lat["stream_s"] < 60
     assert lat["output_tokens_per_s"] > 0
     assert len(lat["chat_s"]) == len(lat["completion_s"]) == len(PROMPTS)
+
+
+@pytest.mark.vllm
+@needs_serve_python
+def test_llm_judge_asks_the_endpoint_and_parses_what_it_can(served):
+    judged = served["judged"]
+    assert len(judged["scores"]) == 2  # one real request per answer, through the OpenAI client
+    assert all(s is None or 1 <= s <= 5 for s in judged["scores"])
+    assert judged["unparsed"] == sum(s is None for s in judged["scores"])  # a random tiny judge rarely complies
+    assert judged["judge_score"] is None or 0.0 <= judged["judge_score"] <= 1.0
 
 
 @pytest.mark.vllm
