@@ -78,3 +78,23 @@ def test_concurrent_promotions_leave_one_champion_and_every_version(mlflow_serve
     assert len(champions) == 1  # never two champions
     assert champions[0]["metric.exact_match"] == "0.8"  # and the better one holds it
     assert any(results.values())
+
+
+def test_cli_lists_promotes_and_rolls_back(mlflow_server, tmp_path, capsys):
+    from qloraflow.cli import main
+
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    v1 = _register(mlflow_server, name, 0.5, str(tmp_path))
+    v2 = _register(mlflow_server, name, 0.7, str(tmp_path))
+    uri = ["--tracking-uri", mlflow_server]
+    assert main(uri + ["promote", "--name", name, "--version", v1]) == 0
+    assert main(uri + ["promote", "--name", name, "--version", v2]) == 0
+    capsys.readouterr()
+    assert main(uri + ["models", "--name", name]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert [line[0] for line in listing] == [" ", "*"]  # v2 is champion
+    assert main(uri + ["rollback", "--name", name]) == 0
+    assert f"champion version {v2} -> {v1}" in capsys.readouterr().out
+    assert main(uri + ["promote", "--name", name, "--version", v1]) == 1  # does not beat itself: gate refuses
+    assert main(uri + ["rollback", "--name", name]) == 2  # nothing earlier: a clear error, not a traceback
+    assert "no earlier champion" in capsys.readouterr().err
