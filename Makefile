@@ -55,8 +55,8 @@ test-fast: setup-train
 	$(PY) -m pytest tests -q -m "not vllm and not slow"
 
 bench: setup-train
-	$(PY) benchmarks/dedupe.py 10000 100000
-	$(PY) benchmarks/tokenize.py
+	$(PY) benchmarks/dedupe.py 10000 100000 1000000
+	$(PY) benchmarks/tokenize.py --records 100000
 
 # Refresh the lock files from what the current venvs resolved.
 lock:
