@@ -67,6 +67,9 @@ class ModelConfig:
     double_quant: bool = _f(True, "Quantise the 4-bit quantisation constants too (QLoRA double quantisation).")
     compute_dtype: str = _f("bfloat16", "Compute and merge dtype: bfloat16, float16 or float32.")
     attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager or flash_attention_2.")
+    upcast_unquantized_fp32: bool = _f(True, "peft's prepare_model_for_kbit_training: keep embeddings, norms and "
+                                             "lm_head in fp32 (stabler, more memory); false keeps them in the "
+                                             "compute dtype, as TRL's QLoRA recipe does.")
 
 
 @dataclass

@@ -1,0 +1,209 @@
+"""Training speed of the project's backends against the plain HF stack and Unsloth's own recipe.
+
+    python benchmarks/train_speed.py [--systems baseline,peer,hf,unsloth] [--configs 2048x2,8192x1,8192x2]
+                                     [--steps 10] [--json speed.json]
+    python benchmarks/train_speed.py --merge part1.json part2.json      # one table from several runs
+
+Systems, each run in its own process over every config (SEQxMICROBATCH), on the same random
+Llama-3-8B-shaped model (/tmp/rand-8b, written first by benchmarks/train.py):
+
+  baseline   the reference plain stack, /work/shared/bench/hf_qlora_baseline.py (transformers + peft +
+             bitsandbytes NF4, SDPA, checkpointing, paged AdamW 8-bit, r=16 all-linear, unpacked rows)
+  peer       Unsloth's own recipe, /work/shared/bench/unsloth_peer.py
+  hf         the project's ``train_adapter``, backend ``hf`` (benchmarks/train.py: packed rows,
+             llama3-8b-qlora-a10g.yaml settings, LoRA dropout 0.05, no accumulation)
+  unsloth    the same with backend ``unsloth``
+  hf-varlen  ``hf`` with PyTorch's varlen flash attention over the packed documents (an experiment,
+             see benchmarks/train.py --attn varlen)
+
+Only the checkout reaches a GPU machine, so the two reference scripts are read from copies in the
+git-ignored ``.gpu/`` folder (``--reference-dir``). The references time the median of 8 steps after 3
+warm-up steps; the project's systems time steps ``--warmup``+1 to ``--steps``. MFU counts 6N FLOPs a
+token plus causal attention over the full row (the baseline's formula) against 790 TFLOP/s.
+One run of everything takes longer than the GPU machines' 10-minute command limit: run subsets
+with ``--systems`` and print the joint table with ``--merge``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]  # see benchmarks/train.py
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+ROOT = Path(_HERE).parent
+PROJECT = {"hf": ("hf", None), "unsloth": ("unsloth", None), "hf-varlen": ("hf", "varlen")}
+REFERENCES = {"baseline": "hf_qlora_baseline.py", "peer": "unsloth_peer.py"}
+MODEL_DIR = "/tmp/rand-8b"  # where the reference scripts read the model
+
+
+def load_bench() -> Any:
+    """benchmarks/train.py as a module (the folder is no package, and its tokenize.py shadows stdlib)."""
+    spec = importlib.util.spec_from_file_location("qf_bench_train", Path(_HERE) / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_config(text: str) -> tuple[int, int]:
+    seq, mb = text.lower().split("x")
+    return int(seq), int(mb)
+
+
+# ------------------------------------------------------------------------------------- child process
+
+def run_project(system: str, configs: list[str], a: argparse.Namespace) -> list[dict]:
+    """All configs of one project system in this process (Unsloth imported first when needed).
+
+    The rows go to ``a.json`` after each config, so a run stopped by its time limit keeps the others.
+    """
+    backend, attn = PROJECT[system]
+    if backend == "unsloth":
+        sys.path.insert(0, str(ROOT))
+        from qloraflow.unsloth_backend import import_unsloth
+
+        import_unsloth()
+    import torch
+
+    bench = load_bench()
+    rows = []
+    for text in configs:
+        seq, mb = parse_config(text)
+        ns = argparse.Namespace(backend=backend, config=str(bench.CONFIG), shape=a.shape, seq=seq, micro_batch=mb,
+                                grad_accum=1, steps=a.steps, warmup=a.warmup, model_dir=a.model_dir, work=a.work,
+                                json=None, attn=attn, fp32_upcast=False, activation_offloading=False)
+        try:
+            bench.prepare(ns)
+            r = bench.run(ns)
+            rows.append({"system": system, "seq": seq, "mb": mb, "tokens_per_s": r["tokens_per_s"], "mfu": r["mfu"],
+                         "step_s": r["step_s"], "peak_reserved_gib": r["peak_reserved_gib"],
+                         "peak_allocated_gib": r["peak_allocated_gib"], "loss_first": r["loss_first"],
+                         "loss_last": r["loss_last"], "attn": r["attn"]})
+        except torch.cuda.OutOfMemoryError:
+            rows.append({"system": system, "seq": seq, "mb": mb, "oom": True})
+        except Exception as e:  # noqa: BLE001 - one failing config must not lose the others
+            rows.append({"system": system, "seq": seq, "mb": mb, "failed": f"{type(e).__name__}: {e}"[:500]})
+        print("ROW " + json.dumps(rows[-1]), flush=True)
+        Path(a.json).write_text(json.dumps(rows))
+    return rows
+
+
+def run_reference(system: str, configs: list[str], reference_dir: Path, timeout_s: float) -> list[dict]:
+    """One reference script over all configs; its RESULT lines, and OOM where it printed one."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}  # the scripts would write files to $OUT
+    env.update(SHAPE="8b", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
+    proc = subprocess.run([sys.executable, str(reference_dir / REFERENCES[system]), *configs], env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+    rows = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[len("RESULT "):])
+            rows.append({"system": system, "seq": r["seq"], "mb": r["mb"], "oom": bool(r.get("oom")),
+                         "tokens_per_s": r.get("tok_per_s"), "step_s": r.get("step_s"),
+                         "peak_reserved_gib": r.get("peak_reserved_gib"), "peak_allocated_gib": r.get("peak_gib")})
+        elif line.startswith("OOM "):
+            seq, mb = parse_config(line.split()[1])
+            rows.append({"system": system, "seq": seq, "mb": mb, "oom": True})
+    if proc.returncode != 0 and not rows:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", file=sys.stderr)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+def add_mfu(rows: list[dict]) -> None:
+    """The references' MFU by the same formula as the project's rows (the peer prints none)."""
+    bench = load_bench()
+    for r in rows:
+        if r.get("tokens_per_s") and r.get("mfu") is None and r["system"] in REFERENCES:
+            r["mfu"] = round(r["tokens_per_s"] * bench.flops_per_token(bench.SHAPES["8b"], r["seq"]) / bench.PEAK_FLOPS, 3)
+
+
+def table(rows: list[dict]) -> str:
+    """One line per (config, system): tokens/s, MFU, peak reserved, ratios to baseline and peer."""
+    by = {(r["system"], r["seq"], r["mb"]): r for r in rows}
+    lines = [f"{'config':>8} {'system':>10} {'tokens/s':>9} {'MFU':>6} {'reserved':>9} {'<=24GB':>6} "
+             f"{'x baseline':>10} {'x peer':>7}"]
+    for seq, mb in sorted({(r["seq"], r["mb"]) for r in rows}):
+        base = by.get(("baseline", seq, mb), {}).get("tokens_per_s")
+        peer = by.get(("peer", seq, mb), {}).get("tokens_per_s")
+        for system in ("baseline", "peer", "hf", "unsloth", "hf-varlen"):
+            r = by.get((system, seq, mb))
+            if r is None:
+                continue
+            if r.get("oom") or not r.get("tokens_per_s"):
+                lines.append(f"{seq:>5}x{mb:<2} {system:>10} {'OOM' if r.get('oom') else 'failed':>9} "
+                             f"{str(r.get('failed', ''))[:80]}")
+                continue
+            tps, res = r["tokens_per_s"], r.get("peak_reserved_gib")
+            fits = "yes" if res is not None and res * 2**30 <= 24e9 else "no"
+            lines.append(f"{seq:>5}x{mb:<2} {system:>10} {tps:>9,.0f} {r.get('mfu') or 0:>6.1%} {res or 0:>6.1f} GiB "
+                         f"{fits:>6} {tps / base if base else float('nan'):>10.2f} "
+                         f"{tps / peer if peer else float('nan'):>7.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--systems", default="baseline,peer,hf,unsloth")
+    ap.add_argument("--configs", default="2048x2,8192x1,8192x2")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reference-dir", default=str(ROOT / ".gpu"))
+    ap.add_argument("--work", default="/tmp/qf-bench-speed")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per system")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--merge", nargs="*", default=None, help="print one table from these --json files")
+    ap.add_argument("--shape", default="8b", help="model shape of the project's systems (tiny: a smoke run)")
+    ap.add_argument("--model-dir", default=MODEL_DIR)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    configs = a.configs.split(",")
+
+    if a.child:
+        run_project(a.child, configs, a)
+        return
+    if a.merge is not None:
+        rows = [r for f in a.merge for r in json.loads(Path(f).read_text())["rows"]]
+        print(table(rows))
+        return
+
+    # The random model (and a tokenizer for Unsloth) once, in its own process.
+    subprocess.run([sys.executable, str(Path(_HERE) / "train.py"), "--prepare-only", "--seq", "128", "--steps", "1",
+                    "--micro-batch", "1", "--shape", a.shape, "--model-dir", a.model_dir, "--work", a.work], check=True)
+    rows: list[dict] = []
+    for system in a.systems.split(","):
+        t = time.time()
+        try:
+            if system in REFERENCES:
+                got = run_reference(system, configs, Path(a.reference_dir), a.timeout)
+            else:
+                out = Path(a.work) / f"rows-{system}.json"
+                out.unlink(missing_ok=True)
+                subprocess.run([sys.executable, os.path.abspath(__file__), "--child", system, "--configs", a.configs,
+                                "--steps", str(a.steps), "--warmup", str(a.warmup), "--work", a.work,
+                                "--shape", a.shape, "--model-dir", a.model_dir, "--json", str(out)], timeout=a.timeout)
+                got = json.loads(out.read_text()) if out.exists() else []
+        except subprocess.TimeoutExpired:
+            got = []
+        if not got:
+            got = [{"system": system, "seq": s, "mb": m, "failed": True} for s, m in map(parse_config, configs)]
+        rows += got
+        add_mfu(rows)
+        print(f"{system}: {time.time() - t:.0f} s", flush=True)
+        if a.json:  # after each system: a run stopped by a time limit keeps what it measured
+            Path(a.json).write_text(json.dumps({"rows": rows, "steps": a.steps, "warmup": a.warmup}, indent=1))
+    print(table(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()

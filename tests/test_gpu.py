@@ -1,0 +1,129 @@
+"""QLoRA on a real CUDA GPU, both backends: a few steps of ``train_adapter`` on the tiny model, then
+the adapter folder is loaded with plain peft. Skipped where there is no GPU (CI); run on a GPU
+machine with ``python -m pytest tests/test_gpu.py -m gpu``. The Unsloth test also needs unsloth
+installed, and runs in its own process because Unsloth must be imported before transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny_config
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+STEPS = 6
+
+
+def gpu_config(model_dir: Path, backend: str):
+    return tiny_config(model_dir, **{"train.use_cpu": False, "train.backend": backend, "train.max_steps": STEPS,
+                                     "train.gradient_checkpointing": True, "train.save_steps": 1000,
+                                     "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"]})
+
+
+def check_adapter(out: Path, cfg, base_dir: Path) -> dict[str, torch.Tensor]:
+    """The adapter folder holds the configured LoRA, every B matrix trained, and loads with peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    conf = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (conf["r"], conf["lora_alpha"], conf["lora_dropout"]) == (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+    assert sorted(conf["target_modules"]) == sorted(cfg.lora.target_modules)
+    assert (conf["use_rslora"], conf["use_dora"]) == (False, False)
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert len(weights) == 2 * 7 * 2  # A and B of 7 projections in each of the 2 layers
+    assert all(torch.isfinite(w.float()).all() for w in weights.values())
+    # B starts at zero: a non-zero B in every module means every adapted module was trained.
+    untrained = [k for k, w in weights.items() if "lora_B" in k and not w.abs().sum() > 0]
+    assert untrained == []
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).cuda()
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    ids = torch.tensor([[1, 5, 9, 17]], device="cuda")
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape[:2] == (1, 4) and torch.isfinite(logits).all()
+    return weights
+
+
+def test_hf_backend_trains_on_cuda(tmp_path, tiny_model_dir, tiny_tokenized):
+    import bitsandbytes as bnb
+    from transformers import set_seed
+
+    from qloraflow import train as T
+
+    cfg = gpu_config(tiny_model_dir, "hf")
+    set_seed(cfg.seed)
+    model = T.build_model(cfg, "hf")
+    linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4) == 2 * 7
+    assert all(m.weight.device.type == "cuda" and m.weight.quant_state.quant_type == "nf4"
+               and m.weight.quant_state.nested for m in linear4)
+    # Frozen unquantised weights (embeddings, norms, lm_head) stay bf16: no fp32 residual stream.
+    frozen = {n: p.dtype for n, p in model.named_parameters()
+              if not p.requires_grad and p.__class__.__name__ != "Params4bit"}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+    del model
+    torch.cuda.empty_cache()
+
+    summary = T.train_adapter(cfg, tiny_tokenized, tmp_path / "hf")
+    assert summary["backend"] == "hf" and summary["global_step"] == STEPS
+    assert summary["gpu_peak_reserved_gib"] > 0
+    check_adapter(tmp_path / "hf", cfg, tiny_model_dir)
+
+
+UNSLOTH_RUN = r"""
+import json, sys
+from qloraflow.unsloth_backend import import_unsloth
+import_unsloth()
+import bitsandbytes as bnb, torch
+from qloraflow.config import config_from_dict
+from qloraflow.train import train_adapter
+from qloraflow.unsloth_backend import load_unsloth_model
+
+cfg = config_from_dict(json.loads(sys.argv[1]))
+model = load_unsloth_model(cfg)
+layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+info = {"linear4bit": len(layers), "nf4": all(m.weight.quant_state.quant_type == "nf4" for m in layers),
+        "nested": all(m.weight.quant_state.nested for m in layers),
+        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)}
+del model, layers
+torch.cuda.empty_cache()
+summary = train_adapter(cfg, sys.argv[2], sys.argv[3])
+print("RESULT " + json.dumps({"info": info, "summary": summary}))
+"""
+
+
+@pytest.mark.skipif(find_spec("unsloth") is None, reason="unsloth is not installed")
+def test_unsloth_backend_trains_the_same_adapter_shape(tmp_path, tiny_model_dir, tiny_tokenized):
+    cfg = gpu_config(tiny_model_dir, "unsloth")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", UNSLOTH_DISABLE_STATISTICS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", UNSLOTH_RUN, json.dumps(cfg.to_dict()), str(tiny_tokenized),
+                           str(tmp_path / "unsloth")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT "):])
+    info, summary = result["info"], result["summary"]
+    assert info["linear4bit"] == 2 * 7 and info["nf4"] and info["nested"]  # same NF4 double quant as hf
+    assert info["trainable"] and all("lora_" in n for n in info["trainable"])
+    assert len(info["trainable"]) == 2 * 7 * 2
+    assert summary["backend"] == "unsloth" and summary["global_step"] == STEPS
+
+    weights = check_adapter(tmp_path / "unsloth", cfg, tiny_model_dir)
+    hf_cfg = gpu_config(tiny_model_dir, "hf")
+    from qloraflow import train as T
+
+    T.train_adapter(hf_cfg, tiny_tokenized, tmp_path / "hf")
+    hf_weights = load_file(tmp_path / "hf" / "adapter" / "adapter_model.safetensors")
+    # The same modules adapted, with the same shapes: the adapters are interchangeable downstream.
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in hf_weights.items()}
