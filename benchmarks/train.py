@@ -28,6 +28,7 @@ Experiments (not the project's configuration; ``hf`` only):
   --fp32-upcast                       the old peft prepare_model_for_kbit_training upcast of norms,
                                       embeddings and lm_head to fp32
   --activation-offloading             TRL's offloading of checkpointed activations to the CPU
+  --set KEY=VALUE                     any config override, e.g. lora.dropout=0 (the peer recipe's)
 """
 
 from __future__ import annotations
@@ -254,6 +255,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokenize.sequence_len": args.seq, "train.logging_steps": 1, "train.eval_steps": 0,
         "train.save_steps": 10**9, "train.use_cpu": not torch.cuda.is_available(),
     }
+    import yaml
+
+    overrides.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in getattr(args, "set", []) or [])})
     cfg = load_config(args.config, overrides)
     apply_experiments(args, cfg)
     if torch.cuda.is_available():
@@ -275,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "backend": summary["backend"], "shape": args.shape, "seq": args.seq, "micro_batch": args.micro_batch,
         "grad_accum": args.grad_accum, "steps": summary["global_step"], "warmup_excluded": args.warmup,
-        "attn": cfg.model.attn_implementation, "fp32_upcast": args.fp32_upcast,
+        "attn": cfg.model.attn_implementation, "fp32_upcast": args.fp32_upcast, "set": getattr(args, "set", []),
         "activation_offloading": args.activation_offloading,
         "tokens_per_s": round(steady) if steady else None,
         "mfu": round(steady * flops_per_token(SHAPES[args.shape], args.seq) / PEAK_FLOPS, 3) if steady and gpu else None,
@@ -320,6 +324,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--attn", choices=("sdpa", "flex_attention", "varlen"), default=None)
     ap.add_argument("--fp32-upcast", action="store_true")
     ap.add_argument("--activation-offloading", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override after the benchmark's own, e.g. lora.dropout=0")
     ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.model_dir = args.model_dir or f"/tmp/rand-{args.shape}"
