@@ -51,7 +51,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     mv = client.get_model_version(args.name, args.version)
     metrics = {k[len("metric."):]: float(v) for k, v in (mv.tags or {}).items() if k.startswith("metric.")}
     if args.force:
-        registry._set_champion(client, args.name, str(args.version))
+        registry.set_champion(client, args.name, str(args.version))
         print(f"{args.name}: champion -> version {args.version} (forced)")
         return 0
     decision = registry.promote(client, args.name, str(args.version), metrics, {}, args.metric, args.margin,

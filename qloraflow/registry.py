@@ -81,7 +81,8 @@ def _history(client: Any, name: str) -> list[str]:
     return json.loads(tags.get(HISTORY_TAG, "[]"))
 
 
-def _set_champion(client: Any, name: str, version: str) -> None:
+def set_champion(client: Any, name: str, version: str) -> None:
+    """Point ``champion`` at ``version`` and record it in the history rollback reads (no gate)."""
     history = _history(client, name)
     client.set_registered_model_alias(name, ALIAS, version)
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps((history + [version])[-50:]))
@@ -111,7 +112,7 @@ def promote(client: Any, name: str, version: str, metrics: dict[str, float], bas
                 reasons.append(f"{gate_metric} {cand:.4f} does not beat champion v{current.version}'s "
                                f"{held:.4f} by > {margin}")
         if not reasons:
-            _set_champion(client, name, version)
+            set_champion(client, name, version)
     if not reasons:
         _settle(client, name, gate_metric)
     now = champion(client, name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -43,4 +42,3 @@ def work_dir(stage: str) -> Path:
 
 def print_line(stage: str, text: str) -> None:
     print(f"[qloraflow:{stage}] {text}", flush=True)
-    os.sys.stdout.flush()
