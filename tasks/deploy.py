@@ -29,6 +29,7 @@ def deploy_model(config_yaml: str, serve_key: str, merged_dir: FlyteDirectory, m
     log = work_dir("deploy") / "vllm.log"
     with VllmServer(merged_dir.download(), cfg.serve, log, served_model_name=cfg.registry.model_name) as srv:
         report = smoke_test_server(srv.base_url, srv.model_name, prompts, max_tokens=cfg.eval.max_new_tokens)
+    report.update(port=srv.port, pid=srv.pid)  # stopped by now: the with-block ends the whole process group
     report["hf_agreement"] = compare_with_hf(report["chat_answers"], [s["answer"] for s in samples])
     tracker = stage_tracker(cfg, "deploy", pipeline_run_id)
     lat = report["latency"]

@@ -87,6 +87,7 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
                                                                                    **decision},
                "deploy": {"passed": deploy.get("passed"), "hf_agreement": deploy.get("hf_agreement", {}).get("share"),
                           "vllm_exact_match": _served_exact_match(merge, deploy),
+                          "pid": deploy.get("pid"), "port": deploy.get("port"),
                           "example": _example(merge, deploy), "latency": deploy.get("latency")}}
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
