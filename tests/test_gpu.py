@@ -24,8 +24,10 @@ pytestmark = [pytest.mark.gpu,
 STEPS = 6
 
 
-def gpu_config(model_dir: Path, backend: str):
-    return tiny_config(model_dir, **{"train.use_cpu": False, "train.backend": backend, "train.max_steps": STEPS,
+def gpu_config(model_dir: Path, backend: str, **overrides):
+    # upcast off, as in configs/llama3-8b-qlora-a10g.yaml (the switch only concerns the hf backend)
+    return tiny_config(model_dir, **{"model.upcast_unquantized_fp32": False, **overrides,
+                                     "train.use_cpu": False, "train.backend": backend, "train.max_steps": STEPS,
                                      "train.gradient_checkpointing": True, "train.save_steps": 1000,
                                      "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
                                                              "gate_proj", "up_proj", "down_proj"]})
@@ -56,6 +58,14 @@ def check_adapter(out: Path, cfg, base_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def unquantized_dtypes(model) -> dict[str, torch.dtype]:
+    """Dtypes of the frozen weights bitsandbytes left unquantised (embeddings, norms, lm_head)."""
+    out = {n: p.dtype for n, p in model.named_parameters()
+           if not p.requires_grad and p.__class__.__name__ != "Params4bit"}
+    assert out
+    return out
+
+
 def test_hf_backend_trains_on_cuda(tmp_path, tiny_model_dir, tiny_tokenized):
     import bitsandbytes as bnb
     from transformers import set_seed
@@ -69,11 +79,13 @@ def test_hf_backend_trains_on_cuda(tmp_path, tiny_model_dir, tiny_tokenized):
     assert len(linear4) == 2 * 7
     assert all(m.weight.device.type == "cuda" and m.weight.quant_state.quant_type == "nf4"
                and m.weight.quant_state.nested for m in linear4)
-    # Frozen unquantised weights (embeddings, norms, lm_head) stay bf16: no fp32 residual stream.
-    frozen = {n: p.dtype for n, p in model.named_parameters()
-              if not p.requires_grad and p.__class__.__name__ != "Params4bit"}
-    assert frozen and set(frozen.values()) == {torch.bfloat16}
+    # Frozen unquantised weights (embeddings, norms, lm_head) stay bf16: no fp32 residual stream...
+    assert set(unquantized_dtypes(model).values()) == {torch.bfloat16}
     del model
+    # ... unless model.upcast_unquantized_fp32 asks for peft's prepare_model_for_kbit_training.
+    upcast = T.build_model(gpu_config(tiny_model_dir, "hf", **{"model.upcast_unquantized_fp32": True}), "hf")
+    assert set(unquantized_dtypes(upcast).values()) == {torch.float32}
+    del upcast
     torch.cuda.empty_cache()
 
     summary = T.train_adapter(cfg, tiny_tokenized, tmp_path / "hf")
