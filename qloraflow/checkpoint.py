@@ -1,9 +1,11 @@
 """Checkpoints that are trusted only when complete.
 
-A checkpoint folder counts once ``manifest.json`` (the sha256 of every file in it) is in place: the
-manifest is written last, through a temporary file and a rename, so a process killed while writing a
-checkpoint leaves a folder without a valid manifest. ``latest_complete`` skips such folders with a
-warning and moves them aside (never deletes them), so the trainer cannot rotate or overwrite them.
+A checkpoint is written into a staging folder (``.staging/checkpoint-N``), gets ``manifest.json`` (the
+sha256 of every file in it) last, and only then is renamed next to the others: a process killed while
+writing one leaves only the staging folder, which ``discard_staging`` removes on resume. A folder that
+still fails its manifest (a disk error, a copy cut short by the checkpoint store) is skipped by
+``latest_complete`` with a warning and moved aside (never deleted), so the trainer cannot rotate or
+overwrite it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 MANIFEST = "manifest.json"
+STAGING = ".staging"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -88,6 +91,28 @@ def latest_complete(root: str | os.PathLike) -> Optional[Path]:
     return None
 
 
+def publish(staged: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Rename a finished folder into place; an existing folder of that name is replaced whole."""
+    staged, final = Path(staged), Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+    return final
+
+
+def discard_staging(root: str | os.PathLike) -> None:
+    """Remove what a killed save left in the staging folder: it never became a checkpoint."""
+    staging = Path(root) / STAGING
+    if staging.exists():
+        left = sorted(p.name for p in staging.iterdir())
+        print(f"[qloraflow] discarding unfinished checkpoint save(s) {left} in {staging}", flush=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def save_atomic(final: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Let ``write`` fill a temporary sibling folder, add a manifest, then rename it into place."""
     final = Path(final)
@@ -96,11 +121,4 @@ def save_atomic(final: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     tmp.mkdir(parents=True)
     write(tmp)
     write_manifest(tmp)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    return final
+    return publish(tmp, final)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,23 +196,64 @@ def build_model(cfg: FinetuneConfig, backend: str) -> Any:
     return get_peft_model(load_base_model(cfg), lora_config(cfg))
 
 
+def with_atomic_checkpoints(trainer_cls: type) -> type:
+    """``trainer_cls`` whose checkpoints appear only complete: staged, hashed, then renamed into place.
+
+    The Trainer writes ``checkpoint-N`` under ``<output_dir>/.staging/``; the manifest (sha256 of every
+    file) is written last, then one rename moves the folder next to the others. A process killed while
+    saving leaves only the staging folder, which ``train_adapter`` discards when it resumes.
+    """
+
+    class AtomicCheckpointTrainer(trainer_cls):
+        checkpoint_meta: dict[str, Any] = {}
+        _staging: Optional[str] = None
+
+        def _get_output_dir(self, trial: Any) -> str:
+            return self._staging or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            from transformers.trainer_utils import rotate_checkpoints
+
+            root = Path(super()._get_output_dir(trial))
+            staging = root / ckpt.STAGING
+            name = f"checkpoint-{self.state.global_step}"
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self._staging = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = None
+            self.accelerator.wait_for_everyone()  # FSDP: every rank has written its shards
+            if not self.args.should_save:
+                return
+            ckpt.write_manifest(staging / name, {"global_step": self.state.global_step, **self.checkpoint_meta})
+            ckpt.publish(staging / name, root / name)
+            best = self.state.best_model_checkpoint
+            if best and Path(best).parent == staging:
+                self.state.best_model_checkpoint = str(root / Path(best).name)
+            rotate_checkpoints(str(root), self.args.save_total_limit, self.state.best_model_checkpoint)
+
+    return AtomicCheckpointTrainer
+
+
 def build_trainer(cfg: FinetuneConfig, model: Any, tokenizer: Any, train_ds: Any, val_ds: Optional[Any],
                   output_dir: Path, callbacks: list[Any]) -> Any:
     from transformers import EarlyStoppingCallback
-    from trl import SFTTrainer
+    from trl import SFTTrainer  # after Unsloth's import, which patches it
 
     args = training_arguments(cfg, output_dir, val_ds is not None)
     if args.load_best_model_at_end:
         callbacks = callbacks + [EarlyStoppingCallback(cfg.train.early_stopping_patience)]
-    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                      processing_class=tokenizer, callbacks=callbacks,
-                      data_collator=Collator(tokenizer.pad_token_id, padding_free=cfg.tokenize.packing))
+    return with_atomic_checkpoints(SFTTrainer)(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
+        callbacks=callbacks, data_collator=Collator(tokenizer.pad_token_id, padding_free=cfg.tokenize.packing))
 
 
 # ----------------------------------------------------------------------------------------------- run
 
 def _progress_callback(tracker: Tracker, output_dir: Path, on_checkpoint: Optional[Callable[[Path], None]]) -> Any:
-    """Metrics to the tracker (loss, lr, grad norm, tokens/s, memory) and manifests after each save."""
+    """Metrics to the tracker (loss, lr, grad norm, tokens/s, memory); ``on_checkpoint`` after each save."""
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -239,9 +281,8 @@ def _progress_callback(tracker: Tracker, output_dir: Path, on_checkpoint: Option
             tracker.log_metrics({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=state.global_step)
 
         def on_save(self, args, state, control, **kw):  # noqa: ANN001
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            ckpt.write_manifest(path, {"global_step": state.global_step, "mlflow_run_id": tracker.run_id})
-            if on_checkpoint is not None:
+            # The checkpoint is complete and in place (see with_atomic_checkpoints).
+            if on_checkpoint is not None and state.is_world_process_zero:
                 on_checkpoint(Path(args.output_dir))
 
     return Progress()
@@ -291,12 +332,15 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
 
     # build
     model = build_model(cfg, backend)
+    ckpt.discard_staging(output_dir / "checkpoints")
     resume_from = ckpt.latest_complete(output_dir / "checkpoints")
     trainer = build_trainer(cfg, model, tokenizer, train_ds, val_ds, output_dir,
                             [_progress_callback(tracker, output_dir, on_checkpoint)])
+    trainer.checkpoint_meta = {"mlflow_run_id": tracker.run_id}
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    tracker.log_params({"backend": backend, "trainable_params": trainable, "total_params": total,
-                        "resumed_from": resume_from.name if resume_from else "none"})
+    tracker.log_params({"backend": backend, "trainable_params": trainable, "total_params": total})
+    # A tag, not a param: a resumed attempt continues the same run and params cannot change.
+    tracker.set_tags({"resumed_from": resume_from.name if resume_from else "none"})
 
     # run
     t0 = time.time()

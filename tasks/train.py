@@ -31,11 +31,11 @@ def train_model(config_yaml: str, train_key: str, tok_dir: FlyteDirectory, pipel
     out = work_dir("train")
     store = current_context().checkpoint
     checkpoints = out / "checkpoints"
-    restored = store.restore(checkpoints) if store is not None else None
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    restored = store.restore(checkpoints) if store is not None else None  # the previous attempt's, if any
     run_file = checkpoints / RUN_ID_FILE
     run_id = run_file.read_text().strip() if restored and run_file.exists() else None
     tracker = stage_tracker(cfg, "train", pipeline_run_id, run_id=run_id)
-    checkpoints.mkdir(parents=True, exist_ok=True)
     run_file.write_text(tracker.run_id)
 
     def save_checkpoints(folder: Path) -> None:

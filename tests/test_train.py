@@ -74,26 +74,29 @@ def test_same_seed_same_adapter_and_sigkill_resume_matches(tmp_path, tiny_model_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # deterministic on the CPU
     assert ref["train_loss_last"] == again["train_loss_last"]
 
-    # A real process kill after the checkpoint of step 4 is complete (its manifest exists).
+    # A real process kill while checkpoint 6 is being written, after checkpoint 4 is complete.
     proc = _train_cli(cfg_path, tiny_tokenized, tmp_path / "c")
-    manifest = tmp_path / "c" / "checkpoints" / "checkpoint-4" / "manifest.json"
+    checkpoints = tmp_path / "c" / "checkpoints"
+    staging = checkpoints / ".staging" / "checkpoint-6"
     deadline = time.monotonic() + 240
-    while not manifest.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert manifest.exists(), proc.communicate()[0][-3000:]
+    while not staging.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
+    assert staging.exists(), "the kill was meant to land mid-save"
+    assert not (checkpoints / "checkpoint-6").exists()  # a half-written checkpoint never takes the name
+    assert (checkpoints / "checkpoint-4" / "manifest.json").exists()
     assert not (tmp_path / "c" / "adapter").exists()
 
     resumed = _train_cli(cfg_path, tiny_tokenized, tmp_path / "c")
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
-    assert "resumed_from" in out and "checkpoint-" in out
+    assert "discarding unfinished checkpoint save(s) ['checkpoint-6']" in out
     c = _adapter(tmp_path / "c")
     for k in a:
         torch.testing.assert_close(c[k], a[k], rtol=1e-4, atol=1e-5)
     summary = yaml.safe_load((tmp_path / "c" / "train_result.json").read_text())
-    assert summary["resumed_from"] is not None
+    assert summary["resumed_from"].endswith("checkpoint-4")
     assert summary["train_loss_last"] == pytest.approx(ref["train_loss_last"], rel=1e-4)
 
 
