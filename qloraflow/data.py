@@ -10,27 +10,30 @@ The output folder then holds ``train.parquet``, ``validation.parquet``, ``test.p
 ``id``, ``source``, ``format``, ``messages``), ``quarantine.jsonl`` (one line per rejected record:
 source, line, reason, detail, raw, duplicate_of) and ``report.json``. Every record read is either
 in a split or in the quarantine. Each file appears under its final name only once complete.
+``qloraflow.shard`` runs the same stage over shards of the inputs (a Flyte map task), to the same bytes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import html
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from qloraflow.clean import check_messages, clean_messages
-from qloraflow.dedupe import EXACT_DUPLICATE, dedupe_texts
+from qloraflow.config import result_settings
+from qloraflow.dedupe import EXACT_DUPLICATE, DedupeResult, dedupe_texts
 from qloraflow.errors import DataValidationError, EmptyDatasetError
 from qloraflow.ingest import Record, Rejected, input_files, read_source
 
 SPLITS = ("train", "validation", "test")
 LENGTH_EDGES = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 NEAR_DUP_EXAMPLES = 10
+MINHASH_SEED = 1  # datasketch's default permutation seed
 
 
 def content_hash(paths: list[str]) -> str:
@@ -102,6 +105,55 @@ def _quarantine_line(source: str, line: int, reason: str, detail: str, raw: Any,
     return entry
 
 
+def record_text(messages: list[dict[str, str]]) -> str:
+    """The text of a record that is measured, tokenized and deduplicated: its turns, one per line."""
+    return "\n".join(m["content"] for m in messages)
+
+
+@dataclass
+class CheckedRecords:
+    """Every row read, in input order (test inputs first), converted, cleaned and checked.
+
+    What the decisions that need all records at once (dedupe, split, quarantine, report) start
+    from: :func:`prepare_dataset` builds it in one process, ``qloraflow.shard`` from shards.
+
+    Attributes:
+        records: The rows that became records.
+        is_test: Per record: read from ``data.test_files``.
+        rejected: The rows that could not become records.
+        cleaned: Per record: its cleaned messages (only read for records without a problem).
+        tokens: Per record: its token count, when a tokenizer was given.
+        problems: Per record: ``(reason, detail)`` when unfit to train on, else None.
+    """
+
+    records: list[Record]
+    is_test: list[bool]
+    rejected: list[Rejected]
+    cleaned: list[Optional[list[dict[str, str]]]]
+    tokens: list[Optional[int]]
+    problems: list[Optional[tuple[str, str]]]
+
+    @property
+    def fit(self) -> list[int]:
+        """Positions of the records without a problem."""
+        return [i for i, p in enumerate(self.problems) if p is None]
+
+
+def check_records(cfg: Any, records: list[Record], *, tokenizer: Any = None, max_tokens: Optional[int] = None
+                  ) -> tuple[list[list[dict[str, str]]], list[Optional[int]], list[Optional[tuple[str, str]]]]:
+    """Clean every record and check it: ``(cleaned messages, token counts, problems)``, per record.
+
+    Args and token counting as in :func:`prepare_dataset`.
+    """
+    cleaned = [clean_messages(r.messages, redact=cfg.redact_pii) for r in records]
+    texts = [record_text(msgs) for msgs in cleaned]
+    tokens = _token_counts(tokenizer, texts) if tokenizer is not None else [None] * len(records)
+    problems = [check_messages(msgs, min_output_chars=cfg.min_output_chars, max_chars=cfg.max_chars,
+                               max_repetition=cfg.max_repetition, n_tokens=n, max_tokens=max_tokens)
+                for msgs, n in zip(cleaned, tokens)]
+    return cleaned, tokens, problems
+
+
 def prepare_dataset(cfg: Any, out_dir: Union[str, Path], seed: int = 0, *, tokenizer: Any = None,
                     max_tokens: Optional[int] = None, distinct_numbers: bool = True,
                     num_workers: Optional[int] = None) -> dict[str, Any]:
@@ -128,36 +180,48 @@ def prepare_dataset(cfg: Any, out_dir: Union[str, Path], seed: int = 0, *, token
             ``data.max_reject_rate`` of the records were rejected.
         EmptyDatasetError: No training record (or, with test files, no test record) is left.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_inputs_exist(list(cfg.test_files) + list(cfg.train_files))
+    check_inputs_exist(list(cfg.test_files) + list(cfg.train_files))
 
     # Load: test inputs first, so that they win every duplicate contest.
     test_records, test_rejected = _read_all(list(cfg.test_files), cfg.format)
     train_records, train_rejected = _read_all(list(cfg.train_files), cfg.format)
     records = test_records + train_records
-    is_test_input = [True] * len(test_records) + [False] * len(train_records)
-    quarantine = [_quarantine_line(r.source, r.line, r.reason, r.detail, r.raw)
-                  for r in test_rejected + train_rejected]
-
-    # Clean and check.
-    cleaned = [clean_messages(r.messages, redact=cfg.redact_pii) for r in records]
-    texts = ["\n".join(m["content"] for m in msgs) for msgs in cleaned]
-    tokens = _token_counts(tokenizer, texts) if tokenizer is not None else [None] * len(records)
-    fit = []
-    for i, r in enumerate(records):
-        problem = check_messages(cleaned[i], min_output_chars=cfg.min_output_chars, max_chars=cfg.max_chars,
-                                 max_repetition=cfg.max_repetition, n_tokens=tokens[i], max_tokens=max_tokens)
-        if problem:
-            quarantine.append(_quarantine_line(r.source, r.line, problem[0], problem[1], r.raw))
-        else:
-            fit.append(i)
+    checked = CheckedRecords(records, [True] * len(test_records) + [False] * len(train_records),
+                             test_rejected + train_rejected,
+                             *check_records(cfg, records, tokenizer=tokenizer, max_tokens=max_tokens))
 
     # Dedupe across test and train together, in that order.
-    ids = [record_id(cleaned[i]) for i in fit]
-    dd = dedupe_texts([texts[i] for i in fit], exact_keys=ids, threshold=cfg.near_dup_threshold,
-                      num_perm=cfg.minhash_num_perm, shingle_size=cfg.shingle_size,
-                      distinct_numbers=distinct_numbers, num_workers=num_workers, seed=1)
+    fit = checked.fit
+    ids = [record_id(checked.cleaned[i]) for i in fit]
+    dd = dedupe_texts([record_text(checked.cleaned[i]) for i in fit], exact_keys=ids,
+                      threshold=cfg.near_dup_threshold, num_perm=cfg.minhash_num_perm,
+                      shingle_size=cfg.shingle_size, distinct_numbers=distinct_numbers,
+                      num_workers=num_workers, seed=MINHASH_SEED)
+    return write_dataset(cfg, out_dir, seed, checked, ids, dd)
+
+
+def write_dataset(cfg: Any, out_dir: Union[str, Path], seed: int, checked: CheckedRecords, ids: list[str],
+                  dd: DedupeResult) -> dict[str, Any]:
+    """Split the records that are kept, and write the splits, the quarantine and the report.
+
+    Args:
+        cfg: The ``data`` section.
+        out_dir: Output folder (created if missing).
+        seed: Seed of the hash split.
+        checked: Every row, checked.
+        ids: :func:`record_id` of each record in ``checked.fit``, in that order.
+        dd: The deduplication of ``checked.fit``, in that order.
+
+    Returns and Raises: as :func:`prepare_dataset`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records, is_test_input, cleaned, tokens = checked.records, checked.is_test, checked.cleaned, checked.tokens
+    quarantine = [_quarantine_line(r.source, r.line, r.reason, r.detail, r.raw) for r in checked.rejected]
+    quarantine += [_quarantine_line(r.source, r.line, problem[0], problem[1], r.raw)
+                   for r, problem in zip(records, checked.problems) if problem]
+    fit = checked.fit
+    texts = {i: record_text(cleaned[i]) for i in fit}
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
     token_lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
@@ -205,7 +269,8 @@ def prepare_dataset(cfg: Any, out_dir: Union[str, Path], seed: int = 0, *, token
     return report
 
 
-def _check_inputs_exist(specs: list[str]) -> None:
+def check_inputs_exist(specs: list[str]) -> None:
+    """Raise one :class:`DataValidationError` naming every input that does not exist."""
     missing = [s for s in specs if not s.startswith("hf:") and not Path(s).exists()]
     if missing:
         raise DataValidationError(f"input file(s) not found: {', '.join(missing)}; check data.train_files / "
@@ -273,7 +338,7 @@ def _report(cfg: Any, seed: int, records: list[Record], quarantine: list[dict], 
                              **{s: _histogram(lengths[s]) for s in SPLITS}},
         "near_duplicate_examples": examples,
         "seed": seed,
-        "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg)),
+        "config": result_settings(cfg),
         "outputs": {**{s: f"{s}.parquet" for s in SPLITS}, "quarantine": "quarantine.jsonl", "report": "report.json"},
     }
     if any(token_lengths.values()):

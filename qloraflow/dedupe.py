@@ -260,7 +260,7 @@ def band_keys(sigs: np.ndarray, hashranges: Sequence[tuple[int, int]]) -> np.nda
 
 
 def _signature_chunk(args: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Signatures (salted by number keys when numbers must match), and their band keys.
+    """Signatures (salted by number keys when numbers must match), and their band keys if asked.
 
     The worker entry point: module level so it pickles.
     """
@@ -270,7 +270,8 @@ def _signature_chunk(args: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         sigs ^= (numbers ^ (numbers >> _U64(32))).astype(_U32)[:, None]
     else:
         numbers[:] = 0
-    return sigs, has, numbers, band_keys(sigs, hashranges)
+    keys = band_keys(sigs, hashranges) if hashranges else np.empty((len(texts), 0), dtype=_U64)
+    return sigs, has, numbers, keys
 
 
 def _signature_stream(texts: Sequence[str], args: tuple, num_workers: int,
@@ -328,11 +329,12 @@ class _NearDuplicateIndex:
     verified, and it is either reported as a near duplicate or inserted.
     """
 
-    def __init__(self, signatures: np.ndarray, numbers: np.ndarray, threshold: float, seed: int):
+    def __init__(self, num_perm: int, threshold: float, seed: int):
         from datasketch import LeanMinHash, MinHashLSH  # lazy: scipy makes this a 1 s import
 
-        self.signatures, self.numbers = signatures, numbers
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=signatures.shape[1], weights=_LSH_WEIGHTS)
+        self.signatures = np.empty((0, num_perm), dtype=_U32)
+        self.numbers = np.empty(0, dtype=_U64)
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=_LSH_WEIGHTS)
         self.threshold, self.seed = threshold, seed
         self._sketch_type = LeanMinHash
 
@@ -391,38 +393,97 @@ def dedupe_texts(texts: Sequence[str], *, exact_keys: Optional[Sequence[Hashable
     Returns:
         A :class:`DedupeResult` indexed like ``texts``.
     """
-    n = len(texts)
-    duplicate_of = np.full(n, -1, dtype=np.int64)
-    reason: list[Optional[str]] = [None] * n
-    similarity = np.zeros(n, dtype=np.float32)
+    result, unique = _exact_duplicates(texts if exact_keys is None else exact_keys)
+    index = _NearDuplicateIndex(num_perm, threshold, seed)
+    # Pass 1: signatures and band keys of every remaining record, on all CPUs.
+    signatures, has, numbers, keys = _signatures(
+        [texts[i] for i in unique], (num_perm, shingle_size, seed, distinct_numbers, index.lsh.hashranges),
+        num_workers, chunk_size)
+    return _near_duplicates(result, unique, index, signatures, has, numbers, keys)
 
+
+def record_signatures(texts: Sequence[str], *, num_perm: int = 128, shingle_size: int = 3,
+                      distinct_numbers: bool = True, num_workers: Optional[int] = None, chunk_size: int = 500,
+                      seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-record half of :func:`dedupe_texts`: what :func:`dedupe_signatures` decides from.
+
+    Each row depends on its own text only, so the rows of a large input can be computed in
+    pieces, anywhere, and stacked (the sharded data stage does that). Arguments as in
+    :func:`dedupe_texts`.
+
+    Returns:
+        ``(signatures, has_shingles, number_keys)``: ``(len(texts), num_perm)`` uint32 signatures
+        (salted by the number keys when ``distinct_numbers``), and per text whether it has a
+        shingle and its uint64 number key (0 unless ``distinct_numbers``).
+    """
+    signatures, has, numbers, _ = _signatures(
+        texts, (num_perm, shingle_size, seed, distinct_numbers, None), num_workers, chunk_size)
+    return signatures, has, numbers
+
+
+def dedupe_signatures(exact_keys: Sequence[Hashable], signatures: np.ndarray, has: np.ndarray,
+                      numbers: np.ndarray, *, threshold: float = 0.8, seed: int = 1) -> DedupeResult:
+    """:func:`dedupe_texts` from :func:`record_signatures` of the same texts: the same result.
+
+    Args:
+        exact_keys: Identity of each record for exact deduplication, in priority order.
+        signatures: ``record_signatures(texts)[0]``, a row per record (exact duplicates' rows are
+            not read).
+        has: ``record_signatures(texts)[1]``.
+        numbers: ``record_signatures(texts)[2]``.
+        threshold: Jaccard similarity at or above which two records are near duplicates.
+        seed: The MinHash permutation seed the signatures were made with.
+
+    Returns:
+        A :class:`DedupeResult` indexed like ``exact_keys``.
+    """
+    result, unique = _exact_duplicates(exact_keys)
+    index = _NearDuplicateIndex(signatures.shape[1], threshold, seed)
+    rows = np.asarray(unique, dtype=np.int64)
+    kept_signatures = signatures[rows]
+    return _near_duplicates(result, unique, index, kept_signatures, has[rows], numbers[rows],
+                            band_keys(kept_signatures, index.lsh.hashranges))
+
+
+def _exact_duplicates(keys: Sequence[Hashable]) -> tuple[DedupeResult, list[int]]:
+    """Every record marked against the first with its key; and the positions of those firsts."""
+    n = len(keys)
+    result = DedupeResult(np.full(n, -1, dtype=np.int64), [None] * n, np.zeros(n, dtype=np.float32))
     first: dict[Hashable, int] = {}
     unique: list[int] = []
-    for i, key in enumerate(texts if exact_keys is None else exact_keys):
+    for i, key in enumerate(keys):
         j = first.setdefault(key, i)
         if j != i:
-            duplicate_of[i], reason[i], similarity[i] = j, EXACT_DUPLICATE, 1.0
+            result.duplicate_of[i], result.reason[i], result.similarity[i] = j, EXACT_DUPLICATE, 1.0
         else:
             unique.append(i)
-    del first
+    return result, unique
 
-    # Pass 1: signatures and band keys of every remaining record, on all CPUs.
-    signatures = np.empty((len(unique), num_perm), dtype=_U32)
-    numbers = np.zeros(len(unique), dtype=_U64)
-    index = _NearDuplicateIndex(signatures, numbers, threshold, seed)
-    keys = np.empty((len(unique), index.lsh.b), dtype=_U64)
-    has = np.zeros(len(unique), dtype=bool)
+
+def _signatures(texts: Sequence[str], args: tuple, num_workers: Optional[int],
+                chunk_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_signature_chunk` over all ``texts``, stacked: in worker processes for large inputs."""
+    num_perm, hashranges = args[0], args[-1]
+    n = len(texts)
+    arrays = (np.empty((n, num_perm), dtype=_U32), np.zeros(n, dtype=bool), np.zeros(n, dtype=_U64),
+              np.empty((n, len(hashranges) if hashranges else 0), dtype=_U64))
     workers = default_workers() if num_workers is None else num_workers
-    if len(unique) < _IN_PROCESS_BELOW:
+    if n < _IN_PROCESS_BELOW:
         workers = 0
-    args = (num_perm, shingle_size, seed, distinct_numbers, index.lsh.hashranges)
     pos = 0
-    for chunk in _signature_stream([texts[i] for i in unique], args, workers, chunk_size):
-        for array, part in zip((signatures, has, numbers, keys), chunk):
+    for chunk in _signature_stream(texts, args, workers, chunk_size):
+        for array, part in zip(arrays, chunk):
             array[pos: pos + len(part)] = part
         pos += len(chunk[0])
+    return arrays
 
-    # Pass 2, in order: only records that share a band with another can be or have a duplicate.
+
+def _near_duplicates(result: DedupeResult, unique: list[int], index: _NearDuplicateIndex, signatures: np.ndarray,
+                     has: np.ndarray, numbers: np.ndarray, keys: np.ndarray) -> DedupeResult:
+    """Pass 2, in order, over the records left by exact deduplication (``unique``, and their rows)."""
+    duplicate_of, reason, similarity = result.duplicate_of, result.reason, result.similarity
+    index.signatures, index.numbers = signatures, numbers
+    # Only records that share a band with another can be or have a duplicate.
     for p in np.flatnonzero(shares_a_band(keys, has) if _PREFILTER else has).tolist():
         found = index.offer(p)
         if found:
@@ -433,4 +494,5 @@ def dedupe_texts(texts: Sequence[str], *, exact_keys: Optional[Sequence[Hashable
         j = duplicate_of[i]
         if reason[j] == NEAR_DUPLICATE:
             duplicate_of[i], reason[i], similarity[i] = duplicate_of[j], NEAR_DUPLICATE, similarity[j]
-    return DedupeResult(duplicate_of, reason, similarity, (index.lsh.b, index.lsh.r))
+    result.lsh_params = (index.lsh.b, index.lsh.r)
+    return result

@@ -220,10 +220,16 @@ def _parse_json(text: str) -> tuple[Any, Optional[RowRejected]]:
         return None, RowRejected("invalid_json", "not valid JSON: nested too deeply")
 
 
-def _read_jsonl(path: Path) -> Iterator[_Row]:
+def _read_jsonl(path: Path, start: int = 0, stop: Optional[int] = None) -> Iterator[_Row]:
+    """Rows of the lines that start in bytes ``[start, stop)``; line numbers count from ``start``."""
     # Binary, decoded per line: one bad byte costs one record, not the file.
     with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
         for line, raw in enumerate(f, 1):
+            if stop is not None and pos >= stop:
+                break
+            pos += len(raw)
             if raw.startswith(BOM):  # files glued together can carry one on any line
                 raw = raw[len(BOM):]
             if not raw.strip():
@@ -456,11 +462,46 @@ def read_source(source: str, kind: str, fmt: str = "auto") -> Iterator[Union[Rec
     Raises:
         DataValidationError: The input as a whole cannot be read (damaged Parquet, Hub unreachable).
     """
-    rows = list(_read_hub(source) if kind == "hub" else _READERS[kind](Path(source)))
+    rows = read_rows(source, kind)
     detected = fmt == "auto"
-    if detected:
-        votes = Counter(f for f in (detect_format(r.value) for r in rows if r.error is None) if f)
-        fmt = votes.most_common(1)[0][0] if votes else ""
+    yield from convert_rows(source, rows, majority_format(format_votes(rows)) if detected else fmt, detected)
+
+
+def read_rows(source: str, kind: str, span: Optional[tuple[int, int]] = None) -> list[_Row]:
+    """The rows of one input, parsed but not converted (the first half of :func:`read_source`).
+
+    Args:
+        source: As for :func:`read_source`.
+        kind: As for :func:`read_source`.
+        span: ``(start, stop)`` bytes of a JSONL file: the rows of the lines that start there,
+            numbered from 1 at ``start`` (``start`` must be a line start).
+    """
+    if span is not None:
+        if kind != "jsonl":
+            raise ValueError(f"{source}: only JSONL files are read by byte range, not {kind}")
+        return list(_read_jsonl(Path(source), *span))
+    return list(_read_hub(source) if kind == "hub" else _READERS[kind](Path(source)))
+
+
+def format_votes(rows: list[_Row]) -> Counter:
+    """How many readable rows look like each format, in order of first appearance."""
+    return Counter(f for f in (detect_format(r.value) for r in rows if r.error is None) if f)
+
+
+def majority_format(votes: Counter) -> str:
+    """The format most rows have (the first seen on a tie); "" when no row has one."""
+    return votes.most_common(1)[0][0] if votes else ""
+
+
+def convert_rows(source: str, rows: list[_Row], fmt: str, detected: bool) -> Iterator[Union[Record, Rejected]]:
+    """Rows in the chat form, or rejected with a reason (the second half of :func:`read_source`).
+
+    Args:
+        source: The input's name, for each record.
+        rows: From :func:`read_rows`.
+        fmt: One of :data:`FORMATS`, or "" when no row has a known format.
+        detected: ``fmt`` was the majority of the input's rows, not set in the config.
+    """
     for r in rows:
         if r.error is not None:
             yield Rejected(source, r.line, r.error.reason, r.error.detail, r.raw)

@@ -215,13 +215,15 @@ def pack_rows(rows: list[dict], sequence_len: int) -> list[dict]:
 
 
 @dataclass
-class _Job:
+class EncodeJob:
+    """What encoding needs besides the records: the saved tokenizer (with its template), how to label."""
+
     tokenizer_dir: str
     template: str
     train_on: str
 
 
-def _encode_shard(job: _Job, records: list[dict]) -> list[dict]:
+def _encode_shard(job: EncodeJob, records: list[dict]) -> list[dict]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(job.tokenizer_dir)
@@ -253,48 +255,71 @@ def tokenize_dataset(cfg: Any, data_dir: str | os.PathLike, tokenizer_dir: str |
         The report: token counts, truncation and drop counts and packing efficiency per split.
     """
     import datasets
-    from transformers import AutoTokenizer
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    job, report = save_tokenizer(cfg, tokenizer_dir, out_dir)
+    for split in SPLITS:
+        path = data_dir / f"{split}.parquet"
+        if not path.exists():
+            continue
+        records = datasets.Dataset.from_parquet(str(path)).to_list()
+        rows = encode_parallel(job, records, cfg.num_proc)
+        report["splits"][split] = save_split(cfg, split, len(records), rows, out_dir)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def save_tokenizer(cfg: Any, tokenizer_dir: str | os.PathLike, out_dir: Path) -> tuple[EncodeJob, dict]:
+    """Save the tokenizer with the chat template to train with under ``out_dir/tokenizer``.
+
+    Returns:
+        The encoding job that uses it, and the head of the stage report.
+
+    Raises:
+        TemplateError: no template (see :func:`resolve_chat_template`).
+    """
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     template = resolve_chat_template(tokenizer, cfg.chat_template, str(tokenizer_dir))
     pad_note = ensure_pad_token(tokenizer)
     tokenizer.chat_template = template
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir / "tokenizer")  # serving renders prompts with exactly this template
+    report = {"chat_template": cfg.chat_template or "tokenizer", "pad_token": tokenizer.pad_token,
+              "notes": [pad_note] if pad_note else [], "splits": {}}
+    return EncodeJob(str(out_dir / "tokenizer"), template, cfg.train_on), report
 
-    report: dict[str, Any] = {"chat_template": cfg.chat_template or "tokenizer", "pad_token": tokenizer.pad_token,
-                              "notes": [pad_note] if pad_note else [], "splits": {}}
-    job = _Job(str(out_dir / "tokenizer"), template, cfg.train_on)
-    for split in SPLITS:
-        path = data_dir / f"{split}.parquet"
-        if not path.exists():
-            continue
-        records = datasets.Dataset.from_parquet(str(path)).to_list()
-        rows = _encode_parallel(job, records, cfg.num_proc)
-        rows, counts = apply_length_policy(rows, cfg.sequence_len, cfg.overlong)
-        n_real = sum(len(r["input_ids"]) for r in rows)
-        n_trained = sum(sum(1 for l in r["labels"] if l != IGNORE_INDEX) for r in rows)
-        if cfg.packing and split != "test":
-            rows = pack_rows(rows, cfg.sequence_len)
-            slots = len(rows) * cfg.sequence_len
-        else:
-            for r in rows:
-                r["position_ids"] = list(range(len(r["input_ids"])))
-            slots = sum(len(r["input_ids"]) for r in rows)  # batches are padded per batch, length-grouped
+
+def save_split(cfg: Any, split: str, n_records: int, rows: list[dict], out_dir: Path) -> dict[str, Any]:
+    """Apply the length policy to one split's encoded rows (in data order), pack them, save them.
+
+    Returns:
+        The split's part of the report.
+    """
+    import datasets
+
+    rows, counts = apply_length_policy(rows, cfg.sequence_len, cfg.overlong)
+    n_real = sum(len(r["input_ids"]) for r in rows)
+    n_trained = sum(sum(1 for l in r["labels"] if l != IGNORE_INDEX) for r in rows)
+    if cfg.packing and split != "test":
+        rows = pack_rows(rows, cfg.sequence_len)
+        slots = len(rows) * cfg.sequence_len
+    else:
         for r in rows:
-            r["length"] = len(r["input_ids"])
-        ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
-            {"input_ids": [], "labels": [], "position_ids": [], "length": []})
-        _save_atomic(ds, out_dir / split)
-        report["splits"][split] = {"examples": len(records), "rows": len(rows), "tokens": n_real,
-                                   "trained_tokens": n_trained, **counts,
-                                   "packing_efficiency": round(n_real / slots, 4) if slots else 0.0}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
-    return report
+            r["position_ids"] = list(range(len(r["input_ids"])))
+        slots = sum(len(r["input_ids"]) for r in rows)  # batches are padded per batch, length-grouped
+    for r in rows:
+        r["length"] = len(r["input_ids"])
+    ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
+        {"input_ids": [], "labels": [], "position_ids": [], "length": []})
+    _save_atomic(ds, out_dir / split)
+    return {"examples": n_records, "rows": len(rows), "tokens": n_real, "trained_tokens": n_trained, **counts,
+            "packing_efficiency": round(n_real / slots, 4) if slots else 0.0}
 
 
-def _encode_parallel(job: _Job, records: list[dict], num_proc: int) -> list[dict]:
+def encode_parallel(job: EncodeJob, records: list[dict], num_proc: int) -> list[dict]:
+    """:func:`encode_records` with the job's tokenizer, in ``num_proc`` processes from 2,000 records."""
     if num_proc <= 1 or len(records) < 2000:
         return _encode_shard(job, records)
     from concurrent.futures import ProcessPoolExecutor
