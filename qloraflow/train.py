@@ -10,6 +10,11 @@ flytekit nor mlflow, so it runs unchanged on a bare GPU machine::
 
 A killed run is resumed by calling it again with the same ``output_dir``: it continues from the
 newest complete checkpoint (and the caller can continue the same MLflow run, see ``run_id_file``).
+
+On several GPUs every process runs the same function (DDP, or FSDP with ``train.distributed``); rank 0
+alone logs, publishes checkpoints and writes the adapter::
+
+    torchrun --nproc-per-node 2 -m qloraflow.train --config configs/tiny.yaml --data outputs/tok --out outputs/train
 """
 
 from __future__ import annotations
@@ -36,10 +41,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # ---------------------------------------------------------------------------------------------- load
 
 def resolve_backend(requested: str) -> str:
-    """``auto`` means Unsloth on CUDA when it is installed, else the plain HF stack."""
+    """``auto`` means Unsloth on CUDA when it is installed and one process trains, else the plain HF stack."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and world_size() == 1:
         import importlib.util
 
         if importlib.util.find_spec("unsloth") is not None:
@@ -53,6 +58,29 @@ def compute_dtype(cfg: FinetuneConfig) -> torch.dtype:
     if dtype == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         return torch.float16
     return dtype
+
+
+def world_size() -> int:
+    """Processes training together: torchrun's ``WORLD_SIZE``, 1 when launched alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def join_processes(cfg: FinetuneConfig) -> Any:
+    """accelerate's process state; under torchrun it joins the processes into one group (NCCL, or gloo on the CPU).
+
+    Joined before anything is read, so that rank 0 can set broken checkpoints aside before the others
+    look (``main_process_first``) and so that every rank knows which GPU is its own (``LOCAL_RANK``).
+    The Trainer reuses this state.
+    """
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    return PartialState(cpu=not _on_gpu(cfg), timeout=timedelta(seconds=1800))  # the Trainer's ddp_timeout
+
+
+def _on_gpu(cfg: FinetuneConfig) -> bool:
+    return torch.cuda.is_available() and not cfg.train.use_cpu
 
 
 def quantization_config(cfg: FinetuneConfig) -> Any:
@@ -80,11 +108,12 @@ def load_base_model(cfg: FinetuneConfig) -> Any:
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    on_gpu = torch.cuda.is_available() and not cfg.train.use_cpu
+    # Each process holds the whole (4-bit) model on its own GPU: DDP replicates it, FSDP shards it
+    # once the Trainer wraps it (its 4-bit weights are stored in the compute dtype, so FSDP can).
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.base_model, revision=cfg.model.revision, quantization_config=quantization_config(cfg),
         dtype=compute_dtype(cfg), attn_implementation=cfg.model.attn_implementation,
-        device_map={"": 0} if on_gpu else {"": "cpu"})
+        device_map={"": int(os.environ.get("LOCAL_RANK", "0"))} if _on_gpu(cfg) else {"": "cpu"})
     model.config.use_cache = False
     if cfg.model.quantization != "none" and cfg.model.upcast_unquantized_fp32:
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
@@ -169,7 +198,26 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, has_eval: bool) ->
         **_length_grouping(SFTConfig, not cfg.tokenize.packing),
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, packing=False,
         report_to="none", dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
+        **_distributed_arguments(cfg),
     )
+
+
+def _distributed_arguments(cfg: FinetuneConfig) -> dict[str, Any]:
+    """How torchrun's processes share the work (nothing when one process trains).
+
+    DDP: every LoRA weight takes part in every step, so DDP need not search for unused parameters.
+    FSDP (FSDP1, the version QLoRA is known to work with): each decoder layer is one shard unit and
+    the Trainer wraps the LoRA layers apart (peft's wrap policy) in the 4-bit storage dtype; the
+    state dict is gathered whole to rank 0 for checkpoints and the adapter, as the Trainer expects.
+    """
+    if world_size() == 1:
+        return {}
+    if cfg.train.distributed == "ddp":
+        return {"ddp_find_unused_parameters": False}
+    return {"fsdp": "full_shard auto_wrap",
+            "fsdp_config": {"version": 1, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "use_orig_params": False,
+                            "sync_module_states": True, "cpu_ram_efficient_loading": False,
+                            "state_dict_type": "FULL_STATE_DICT"}}
 
 
 def _length_grouping(args_cls: type, on: bool) -> dict[str, Any]:
@@ -190,10 +238,39 @@ def build_model(cfg: FinetuneConfig, backend: str) -> Any:
     if backend == "unsloth":
         from qloraflow.unsloth_backend import load_unsloth_model
 
-        return load_unsloth_model(cfg)
-    from peft import get_peft_model
+        model = load_unsloth_model(cfg)
+    else:
+        from peft import get_peft_model
 
-    return get_peft_model(load_base_model(cfg), lora_config(cfg))
+        model = get_peft_model(load_base_model(cfg), lora_config(cfg))
+    if cfg.lora.init_adapter:
+        load_adapter_weights(model, cfg.lora.init_adapter)
+    return model
+
+
+def load_adapter_weights(model: Any, folder: str | os.PathLike) -> None:
+    """Start from a saved adapter's weights (same LoRA shape), in place of the fresh initialisation."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from qloraflow.errors import ConfigError
+
+    path = Path(folder) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise ConfigError("lora.init_adapter", [f"'lora.init_adapter': no adapter_model.safetensors in {folder}; "
+                                                "point it at a folder written by save_pretrained"])
+    fix = "use the same r, target_modules and base model"
+    try:
+        result = set_peft_model_state_dict(model, load_file(path))
+    except RuntimeError as e:  # shapes differ
+        detail = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise ConfigError("lora.init_adapter", [
+            f"'lora.init_adapter': {folder} does not match the configured LoRA ({detail}); {fix}"]) from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ConfigError("lora.init_adapter", [
+            f"'lora.init_adapter': {folder} does not match the configured LoRA (missing {missing[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]}); {fix}"])
 
 
 def with_atomic_checkpoints(trainer_cls: type) -> type:
@@ -211,6 +288,15 @@ def with_atomic_checkpoints(trainer_cls: type) -> type:
         def _get_output_dir(self, trial: Any) -> str:
             return self._staging or super()._get_output_dir(trial)
 
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            # peft reloads the adapter in fp32 while TRL trains QLoRA adapters in bf16: restore the dtypes
+            # here, before DDP wraps the model (its gradient buckets are laid out by dtype at wrap time).
+            dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for n, p in self.model.named_parameters():
+                if n in dtypes and p.dtype != dtypes[n]:
+                    p.data = p.data.to(dtypes[n])
+
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             from transformers.trainer_utils import rotate_checkpoints
 
@@ -219,6 +305,7 @@ def with_atomic_checkpoints(trainer_cls: type) -> type:
             name = f"checkpoint-{self.state.global_step}"
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()  # no rank writes into the staging folder before it is clean
             self._staging = str(staging)
             try:
                 super()._save_checkpoint(model, trial)
@@ -288,6 +375,49 @@ def _progress_callback(tracker: Tracker, output_dir: Path, on_checkpoint: Option
     return Progress()
 
 
+def adapter_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over an adapter's tensors as saved (names, dtypes, shapes, bytes): equal digests, equal adapters."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _adapter_digests(trainer: Any, fsdp_state: Optional[dict[str, torch.Tensor]]) -> list[Optional[str]]:
+    """The adapter's digest on every rank (rank order). DDP keeps full replicas, which must be identical."""
+    import warnings
+
+    from peft import get_peft_model_state_dict
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if fsdp_state is not None:  # sharded: only rank 0 holds the gathered adapter
+        mine = adapter_digest(get_peft_model_state_dict(model, state_dict=fsdp_state)) if fsdp_state else None
+        return [mine] + [None] * (trainer.accelerator.num_processes - 1)
+    mine = adapter_digest(get_peft_model_state_dict(model))
+    if trainer.accelerator.num_processes == 1:
+        return [mine]
+    digests = [None] * trainer.accelerator.num_processes
+    torch.distributed.all_gather_object(digests, mine)
+    if len(set(digests)) > 1:
+        warnings.warn(f"the DDP replicas ended with different adapters: {digests}", stacklevel=2)
+    return digests
+
+
+def finished_state(checkpoint: Optional[Path]) -> Any:
+    """The checkpoint's TrainerState when it was saved at the run's last step, else None."""
+    from transformers import TrainerState
+
+    state_file = checkpoint / "trainer_state.json" if checkpoint else None
+    if state_file is None or not state_file.is_file():
+        return None
+    state = TrainerState.load_from_json(str(state_file))
+    return state if state.max_steps and state.global_step >= state.max_steps else None
+
+
 def memory_metrics() -> dict[str, float]:
     if torch.cuda.is_available():
         return {"gpu_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -321,7 +451,8 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
         import_unsloth()
     from transformers import AutoTokenizer, set_seed
 
-    tracker = tracker or NullTracker()
+    procs = join_processes(cfg)  # torchrun: every process runs this function; rank 0 alone logs and saves
+    tracker = tracker if tracker is not None and procs.is_main_process else NullTracker()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)  # before the adapter exists: LoRA initialisation is part of the result
@@ -332,8 +463,9 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
 
     # build
     model = build_model(cfg, backend)
-    ckpt.discard_staging(output_dir / "checkpoints")
-    resume_from = ckpt.latest_complete(output_dir / "checkpoints")
+    with procs.main_process_first():  # rank 0 sets unfinished checkpoints aside before the others look
+        ckpt.discard_staging(output_dir / "checkpoints")
+        resume_from = ckpt.latest_complete(output_dir / "checkpoints")
     trainer = build_trainer(cfg, model, tokenizer, train_ds, val_ds, output_dir,
                             [_progress_callback(tracker, output_dir, on_checkpoint)])
     trainer.checkpoint_meta = {"mlflow_run_id": tracker.run_id}
@@ -344,12 +476,25 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
 
     # run
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finished = finished_state(resume_from)
+    if finished is not None:
+        # Killed after its last checkpoint, before the adapter was written: the Trainer would train
+        # one step past max_steps when resumed there, so take the weights and state as they are.
+        trainer._load_from_checkpoint(str(resume_from))
+        trainer.state = finished
+        logged = [h["loss"] for h in finished.log_history if "loss" in h]
+        training_loss = sum(logged) / len(logged) if logged else float("nan")
+    else:
+        training_loss = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).training_loss
     seconds = time.time() - t0
 
-    # save
+    # save (under FSDP every rank takes part in gathering the adapter; rank 0 writes it)
     adapter_dir = output_dir / "adapter"
-    ckpt.save_atomic(adapter_dir, lambda tmp: (trainer.model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    digests = _adapter_digests(trainer, state)
+    if procs.is_main_process:
+        ckpt.save_atomic(adapter_dir, lambda tmp: (trainer.model.save_pretrained(tmp, state_dict=state),
+                                                   tokenizer.save_pretrained(tmp)))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     summary = {
@@ -357,10 +502,13 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
         "train_loss_last": losses[-1] if losses else None, "best_eval_loss": min(evals) if evals else None,
         "best_checkpoint": trainer.state.best_model_checkpoint, "trainable_params": trainable,
         "resumed_from": str(resume_from) if resume_from else None, "train_seconds": round(seconds, 2),
-        "tokens_seen": trainer.state.num_input_tokens_seen, "train_runtime_loss": result.training_loss,
+        "tokens_seen": trainer.state.num_input_tokens_seen, "train_runtime_loss": training_loss,
+        "world_size": procs.num_processes, "adapter_sha256": digests[0], "adapter_sha256_by_rank": digests,
         **memory_metrics(),
     }
     summary["tokens_per_s"] = summary["tokens_seen"] / seconds if seconds and summary["tokens_seen"] else None
+    if not procs.is_main_process:
+        return summary
     (output_dir / "train_result.json").write_text(json.dumps(summary, indent=1))
     tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None
                          and not (isinstance(v, float) and math.isnan(v))})

@@ -109,3 +109,45 @@ def test_half_written_last_checkpoint_is_skipped(tmp_path, tiny_model_dir, tiny_
         summary = T.train_adapter(cfg, tiny_tokenized, tmp_path / "run")
     assert summary["resumed_from"].endswith("checkpoint-2")
     assert summary["global_step"] == 4
+
+
+def test_init_adapter_starts_from_saved_weights_and_rejects_a_mismatch(tmp_path, tiny_model_dir):
+    from transformers import set_seed
+
+    from qloraflow.errors import ConfigError
+
+    cfg = tiny_config(tiny_model_dir)
+    set_seed(cfg.seed)
+    first = T.build_model(cfg, "hf")
+    for n, p in first.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_()  # fresh LoRA B is zero: make the saved adapter unlike a fresh one
+    first.save_pretrained(tmp_path / "init")
+    saved = {n: p.detach().clone() for n, p in first.named_parameters() if p.requires_grad}
+
+    set_seed(cfg.seed + 1)  # a different fresh initialisation, overwritten by the saved weights
+    warm = T.build_model(tiny_config(tiny_model_dir, **{"lora.init_adapter": str(tmp_path / "init")}), "hf")
+    got = {n: p for n, p in warm.named_parameters() if p.requires_grad}
+    assert got.keys() == saved.keys()
+    assert all(torch.equal(got[n], saved[n]) for n in saved)
+
+    with pytest.raises(ConfigError, match="lora.init_adapter.*same r"):
+        T.build_model(tiny_config(tiny_model_dir, **{"lora.init_adapter": str(tmp_path / "init"), "lora.r": 4}), "hf")
+    with pytest.raises(ConfigError, match="no adapter_model.safetensors"):
+        T.build_model(tiny_config(tiny_model_dir, **{"lora.init_adapter": str(tmp_path)}), "hf")
+
+
+def test_killed_after_the_last_checkpoint_resumes_to_the_same_adapter_without_extra_steps(
+        tmp_path, tiny_model_dir, tiny_tokenized):
+    import shutil
+
+    cfg = tiny_config(tiny_model_dir, **{"train.max_steps": 4, "train.save_steps": 2})
+    first = T.train_adapter(cfg, tiny_tokenized, tmp_path / "run")
+    done = _adapter(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "adapter")  # as if killed after checkpoint-4, before the adapter
+    again = T.train_adapter(cfg, tiny_tokenized, tmp_path / "run")
+    assert again["resumed_from"].endswith("checkpoint-4")
+    assert again["global_step"] == 4  # the Trainer alone would train a fifth step here
+    resumed = _adapter(tmp_path / "run")
+    assert all(torch.equal(resumed[k], done[k]) for k in done)
+    assert again["train_loss_last"] == first["train_loss_last"]
