@@ -82,11 +82,15 @@ def make_model(shape: str, path: Path) -> None:
     print(f"made random {shape} model in {time.time() - t:.1f} s", flush=True)
 
 
-def synthetic_rows(n_rows: int, seq: int, vocab: int, seed: int) -> list[dict]:
-    """Packed rows of exactly ``seq`` tokens in the tokenize stage's format (see qloraflow/tokenize.py)."""
+def synthetic_rows(n_rows: int, seq: int, vocab: int, seed: int, one_doc: bool = False) -> list[dict]:
+    """Packed rows of exactly ``seq`` tokens in the tokenize stage's format (see qloraflow/tokenize.py).
+
+    ``one_doc``: every row is a single example (plain causal attention, like the reference scripts'
+    rows) instead of several packed ones (block-diagonal attention).
+    """
     rng = random.Random(seed)
-    lo = max(16, min(256, seq // 8))
-    hi = max(lo, min(3072, seq // 2))
+    lo = seq if one_doc else max(16, min(256, seq // 8))
+    hi = seq if one_doc else max(lo, min(3072, seq // 2))
     first = max(4, vocab - SUB_VOCAB - 8)  # clear of the tokenizer's special ids
     rows = []
     for _ in range(n_rows):
@@ -117,7 +121,8 @@ def prepare(args: argparse.Namespace) -> None:
     if not (model_dir / "config.json").exists() or not (model_dir / "tokenizer.json").exists():
         make_model(args.shape, model_dir)
     n_rows = args.steps * args.micro_batch * args.grad_accum
-    rows = synthetic_rows(n_rows, args.seq, SHAPES[args.shape]["vocab_size"], seed=0)
+    rows = synthetic_rows(n_rows, args.seq, SHAPES[args.shape]["vocab_size"], seed=0,
+                          one_doc=getattr(args, "one_doc", False))
     ds = datasets.Dataset.from_list(rows)
     ds.save_to_disk(str(data_dir / "train"))
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(data_dir / "tokenizer")

@@ -15,6 +15,7 @@ Llama-3-8B-shaped model (/tmp/rand-8b, written first by benchmarks/train.py):
   unsloth    the same with backend ``unsloth``
   hf-varlen  ``hf`` with PyTorch's varlen flash attention over the packed documents (an experiment,
              see benchmarks/train.py --attn varlen)
+  *-1doc     the same with one example per row (plain causal attention, as the references' rows)
 
 Only the checkout reaches a GPU machine, so the two reference scripts are read from copies in the
 git-ignored ``.gpu/`` folder (``--reference-dir``). The references time the median of 8 steps after 3
@@ -41,7 +42,9 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
 ROOT = Path(_HERE).parent
-PROJECT = {"hf": ("hf", None), "unsloth": ("unsloth", None), "hf-varlen": ("hf", "varlen")}
+# system -> (backend, attention experiment, one example per row)
+PROJECT = {"hf": ("hf", None, False), "unsloth": ("unsloth", None, False), "hf-varlen": ("hf", "varlen", False),
+           "unsloth-1doc": ("unsloth", None, True), "hf-1doc": ("hf", None, True)}
 REFERENCES = {"baseline": "hf_qlora_baseline.py", "peer": "unsloth_peer.py"}
 MODEL_DIR = "/tmp/rand-8b"  # where the reference scripts read the model
 
@@ -66,7 +69,7 @@ def run_project(system: str, configs: list[str], a: argparse.Namespace) -> list[
 
     The rows go to ``a.json`` after each config, so a run stopped by its time limit keeps the others.
     """
-    backend, attn = PROJECT[system]
+    backend, attn, one_doc = PROJECT[system]
     if backend == "unsloth":
         sys.path.insert(0, str(ROOT))
         from qloraflow.unsloth_backend import import_unsloth
@@ -80,7 +83,8 @@ def run_project(system: str, configs: list[str], a: argparse.Namespace) -> list[
         seq, mb = parse_config(text)
         ns = argparse.Namespace(backend=backend, config=str(bench.CONFIG), shape=a.shape, seq=seq, micro_batch=mb,
                                 grad_accum=1, steps=a.steps, warmup=a.warmup, model_dir=a.model_dir, work=a.work,
-                                json=None, attn=attn, fp32_upcast=False, activation_offloading=False)
+                                json=None, attn=attn, fp32_upcast=False, activation_offloading=False,
+                                one_doc=one_doc, set=a.set)
         try:
             bench.prepare(ns)
             r = bench.run(ns)
@@ -131,22 +135,22 @@ def add_mfu(rows: list[dict]) -> None:
 def table(rows: list[dict]) -> str:
     """One line per (config, system): tokens/s, MFU, peak reserved, ratios to baseline and peer."""
     by = {(r["system"], r["seq"], r["mb"]): r for r in rows}
-    lines = [f"{'config':>8} {'system':>10} {'tokens/s':>9} {'MFU':>6} {'reserved':>9} {'<=24GB':>6} "
+    lines = [f"{'config':>8} {'system':>12} {'tokens/s':>9} {'MFU':>6} {'reserved':>9} {'<=24GB':>6} "
              f"{'x baseline':>10} {'x peer':>7}"]
     for seq, mb in sorted({(r["seq"], r["mb"]) for r in rows}):
         base = by.get(("baseline", seq, mb), {}).get("tokens_per_s")
         peer = by.get(("peer", seq, mb), {}).get("tokens_per_s")
-        for system in ("baseline", "peer", "hf", "unsloth", "hf-varlen"):
+        for system in ("baseline", "peer", *PROJECT):
             r = by.get((system, seq, mb))
             if r is None:
                 continue
             if r.get("oom") or not r.get("tokens_per_s"):
-                lines.append(f"{seq:>5}x{mb:<2} {system:>10} {'OOM' if r.get('oom') else 'failed':>9} "
+                lines.append(f"{seq:>5}x{mb:<2} {system:>12} {'OOM' if r.get('oom') else 'failed':>9} "
                              f"{str(r.get('failed', ''))[:80]}")
                 continue
             tps, res = r["tokens_per_s"], r.get("peak_reserved_gib")
             fits = "yes" if res is not None and res * 2**30 <= 24e9 else "no"
-            lines.append(f"{seq:>5}x{mb:<2} {system:>10} {tps:>9,.0f} {r.get('mfu') or 0:>6.1%} {res or 0:>6.1f} GiB "
+            lines.append(f"{seq:>5}x{mb:<2} {system:>12} {tps:>9,.0f} {r.get('mfu') or 0:>6.1%} {res or 0:>6.1f} GiB "
                          f"{fits:>6} {tps / base if base else float('nan'):>10.2f} "
                          f"{tps / peer if peer else float('nan'):>7.2f}")
     return "\n".join(lines)
@@ -165,6 +169,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--merge", nargs="*", default=None, help="print one table from these --json files")
     ap.add_argument("--shape", default="8b", help="model shape of the project's systems (tiny: a smoke run)")
     ap.add_argument("--model-dir", default=MODEL_DIR)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the project's systems, e.g. lora.dropout=0 (the peer's LoRA)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     configs = a.configs.split(",")
@@ -191,7 +197,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 out.unlink(missing_ok=True)
                 subprocess.run([sys.executable, os.path.abspath(__file__), "--child", system, "--configs", a.configs,
                                 "--steps", str(a.steps), "--warmup", str(a.warmup), "--work", a.work,
-                                "--shape", a.shape, "--model-dir", a.model_dir, "--json", str(out)], timeout=a.timeout)
+                                "--shape", a.shape, "--model-dir", a.model_dir, "--json", str(out),
+                                *[f"--set={kv}" for kv in a.set]], timeout=a.timeout)
                 got = json.loads(out.read_text()) if out.exists() else []
         except subprocess.TimeoutExpired:
             got = []

@@ -26,11 +26,24 @@ import yaml
 from qloraflow.errors import ConfigError
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with its documentation attached (TRL's ``metadata={"help": ...}``)."""
+def _f(default: Any, help: str, *, execution_only: bool = False, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached (TRL's ``metadata={"help": ...}``).
+
+    ``execution_only`` marks a setting that decides how the work is spread (processes, shards),
+    never what it produces: cache keys and reports leave it out (see :func:`result_settings`).
+    """
+    metadata = {"help": help, **({"execution_only": True} if execution_only else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def result_settings(section: Any) -> dict[str, Any]:
+    """A config section as a dict, less its ``execution_only`` settings: what decides the stage's result."""
+    if not dataclasses.is_dataclass(section):
+        return dict(vars(section))
+    spread = {f.name for f in dataclasses.fields(section) if f.metadata.get("execution_only")}
+    return {k: v for k, v in dataclasses.asdict(section).items() if k not in spread}
 
 
 @dataclass
@@ -52,7 +65,12 @@ class DataConfig:
     shingle_size: int = _f(3, "Words per shingle for MinHash.")
     near_dup_distinct_numbers: bool = _f(True, "Records that differ only in digit-bearing words (templated examples) "
                                                "are never near duplicates.")
-    dedupe_workers: Optional[int] = _f(None, "Processes computing MinHash signatures; None: every CPU.")
+    dedupe_workers: Optional[int] = _f(None, "Processes computing MinHash signatures; None: every CPU.",
+                                       execution_only=True)
+    num_shards: int = _f(1, "1: one data task. N > 1: a Flyte map task over up to N shards of the inputs (JSONL "
+                            "files cut at line starts, other files whole) for the per-record work, then one task "
+                            "that deduplicates and splits in input order; the output is the same.",
+                         execution_only=True)
     max_reject_rate: float = _f(0.5, "Fail the stage when more than this share of records is rejected.")
 
 
@@ -81,7 +99,10 @@ class TokenizeConfig:
     train_on: str = _f("completions", "completions: loss on assistant turns only; all: on every token.")
     packing: bool = _f(True, "Pack several examples per sequence with per-example position ids.")
     overlong: str = _f("truncate", "What to do with examples longer than sequence_len: truncate or drop.")
-    num_proc: int = _f(1, "Processes used to tokenize.")
+    num_proc: int = _f(1, "Processes used to tokenize.", execution_only=True)
+    num_shards: int = _f(1, "1: one tokenize task. N > 1: a Flyte map task encodes up to N shards of the records, "
+                            "then one task packs each split in order; the output is the same.",
+                         execution_only=True)
 
 
 @dataclass
@@ -95,6 +116,8 @@ class LoraSettings:
     bias: str = _f("none", "Which biases train: none, all or lora_only.")
     use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling.")
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+    init_adapter: Optional[str] = _f(None, "A PEFT adapter folder to start from instead of a fresh LoRA "
+                                           "initialisation (warm start; Axolotl's lora_model_dir).")
 
 
 @dataclass
@@ -119,6 +142,14 @@ class TrainConfig:
     save_total_limit: int = _f(3, "Complete checkpoints kept on disk.")
     early_stopping_patience: Optional[int] = _f(None, "Stop after N evaluations without improvement; None: off.")
     use_cpu: bool = _f(False, "Train on the CPU even where a GPU exists (the demo).")
+    num_gpus: int = _f(1, "GPUs of one node to train on. Above 1, Flyte runs the train step through torchrun "
+                          "(flytekitplugins-kfpytorch Elastic), one process per GPU (with use_cpu: that many CPU "
+                          "processes, over gloo); micro_batch_size and gradient_accumulation_steps stay per "
+                          "process, so an optimiser step sees num_gpus times the sequences.")
+    distributed: str = _f("ddp", "How num_gpus > 1 share the work: ddp (every GPU holds the 4-bit model, gradients "
+                                 "all-reduced) or fsdp (parameters sharded; QLoRA stores 4-bit weights in the "
+                                 "compute dtype so FSDP can shard them, for models that do not fit one GPU).",
+                          execution_only=True)
 
 
 @dataclass
@@ -218,6 +249,7 @@ CHOICES = {
     "tokenize.overlong": {"truncate", "drop"},
     "lora.bias": {"none", "all", "lora_only"},
     "train.backend": {"hf", "unsloth", "auto"},
+    "train.distributed": {"ddp", "fsdp"},
     "train.lr_scheduler": {"cosine", "linear", "constant", "constant_with_warmup"},
 }
 EVAL_METRICS = {"exact_match", "execution_accuracy", "rouge_l", "chrf"}
@@ -302,12 +334,16 @@ def validate(cfg: FinetuneConfig) -> list[str]:
         p.append(f"'data.minhash_num_perm' must be >= 16, got {cfg.data.minhash_num_perm}")
     if cfg.data.shingle_size < 1:
         p.append(f"'data.shingle_size' must be >= 1, got {cfg.data.shingle_size}")
+    if cfg.data.num_shards < 1:
+        p.append(f"'data.num_shards' must be >= 1 (1: no map task), got {cfg.data.num_shards}")
     if not cfg.model.base_model:
         p.append("'model.base_model' is empty; give a local model folder or a Hub id")
     if cfg.tokenize.sequence_len < 16:
         p.append(f"'tokenize.sequence_len' must be >= 16, got {cfg.tokenize.sequence_len}")
     if cfg.tokenize.num_proc < 1:
         p.append(f"'tokenize.num_proc' must be >= 1, got {cfg.tokenize.num_proc}")
+    if cfg.tokenize.num_shards < 1:
+        p.append(f"'tokenize.num_shards' must be >= 1 (1: no map task), got {cfg.tokenize.num_shards}")
     if cfg.lora.r <= 0:
         p.append(f"'lora.r' must be > 0, got {cfg.lora.r}")
     if cfg.lora.alpha <= 0:
@@ -337,6 +373,22 @@ def validate(cfg: FinetuneConfig) -> list[str]:
         p.append(f"'train.eval_steps' must be >= 0, got {t.eval_steps}")
     if t.early_stopping_patience is not None and t.eval_steps == 0:
         p.append("'train.early_stopping_patience' needs 'train.eval_steps' > 0")
+    if t.num_gpus < 1:
+        p.append(f"'train.num_gpus' must be >= 1, got {t.num_gpus}")
+    if t.num_gpus > 1 and t.backend == "unsloth":
+        p.append("'train.backend' unsloth trains on one GPU; use hf (or auto) with 'train.num_gpus' > 1")
+    if t.distributed == "fsdp":
+        if cfg.model.quantization == "8bit":
+            p.append("'train.distributed' fsdp cannot shard 8-bit bitsandbytes weights; "
+                     "set 'model.quantization' to 4bit (QLoRA) or none")
+        if cfg.model.quantization != "none" and cfg.model.upcast_unquantized_fp32:
+            p.append("'train.distributed' fsdp flattens parameters of one dtype; "
+                     "set 'model.upcast_unquantized_fp32' to false")
+        if "8bit" in t.optimizer:
+            p.append(f"'train.optimizer' {t.optimizer} cannot save FSDP checkpoints (bitsandbytes 8-bit state); "
+                     "use adamw_torch with 'train.distributed' fsdp")
+        if t.use_cpu:
+            p.append("'train.distributed' fsdp needs GPUs; use ddp with 'train.use_cpu'")
     unknown = [m for m in cfg.eval.metrics if m not in EVAL_METRICS]
     if unknown:
         p.append(f"'eval.metrics' has unknown {unknown}; choose from {sorted(EVAL_METRICS)}")

@@ -18,13 +18,15 @@ template and Kubernetes rolls the pods (maxUnavailable 0: the old pods serve unt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import yaml
 
@@ -345,6 +347,23 @@ def write_manifests(out_dir: str | Path, manifests: list[dict], version: str, ma
     return folder
 
 
+@contextlib.contextmanager
+def manifests_lock(out_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on a manifests folder (``out_dir/.lock``) while reading and moving pointers.
+
+    Two pipelines promoting at once each write their own version's folder; ``current`` and
+    ``history`` are read-modify-write, so whoever moves them holds this lock.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _history(out: Path) -> list[str]:
     path = out / "history"
     return path.read_text().split() if path.is_file() else []
@@ -450,7 +469,8 @@ def deploy_main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"# would roll back {current_version(out)} -> {folder.name}: kubectl apply -f {folder}")
             return 0
         kubectl_apply(folder)
-        rollback_manifests(out)
+        with manifests_lock(out):
+            rollback_manifests(out)
         return 0
     if not args.model_uri or not args.version:
         raise ConfigError("qloraflow deploy", ["--model-uri and --version are required (or use --rollback)"])
@@ -471,5 +491,6 @@ def deploy_main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     folder = write_manifests(out, manifests, args.version, make_current=False)
     kubectl_apply(folder)
-    set_current(out, args.version)  # only once the cluster took it: rollback must find what really ran
+    with manifests_lock(out):
+        set_current(out, args.version)  # only once the cluster took it: rollback must find what really ran
     return 0

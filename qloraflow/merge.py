@@ -14,6 +14,7 @@ template), a generation config whose EOS ids include the template's end-of-turn 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from qloraflow.checkpoint import save_atomic
+from qloraflow.checkpoint import MANIFEST, save_atomic
 from qloraflow.errors import MergeVerificationError, QloraflowError
 
 
@@ -76,9 +77,25 @@ def merge_adapter(base_model: str, adapter_dir: str | os.PathLike, out_dir: str 
         raise MergeError(f"could not write the merged model to {out_dir}: {_io_reason(e)}; free space (it needs "
                          f"about {_param_bytes(merged) / 2**20:.0f} MiB) or choose another output folder") from e
     info = {"merged_dir": str(out_dir), "dtype": dtype_name, "bytes": _folder_bytes(out_dir),
-            "base_bytes": _folder_bytes(Path(base_model)), "eos_token_id": gen.eos_token_id}
+            "base_bytes": _folder_bytes(Path(base_model)), "eos_token_id": gen.eos_token_id,
+            "sha256": model_digest(out_dir)}
     (out_dir / "merge_info.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+def model_digest(folder: str | os.PathLike) -> str:
+    """sha256 over a saved model's files, names and bytes; not the bookkeeping (paths, write times).
+
+    Equal digests mean the same served model: weights, config, tokenizer and chat template. The
+    registry keys on it, so re-merging the same adapter adds no version while any change does.
+    """
+    folder, h = Path(folder), hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ("merge_info.json", MANIFEST)):
+        h.update(f"{f.relative_to(folder).as_posix()}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _io_reason(e: Exception) -> str:

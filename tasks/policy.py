@@ -33,6 +33,16 @@ TRAIN_ACCELERATOR = A10G
 EVAL_RESOURCES = Resources(cpu="4", mem="32Gi", gpu="1")
 SERVE_RESOURCES = Resources(cpu="4", mem="32Gi", gpu="1")
 
+# Training on N GPUs of one node (train.num_gpus; tasks/train_elastic.py): one task per node size,
+# because a single-node Elastic task's process count is part of its declaration.
+MULTI_GPU_COUNTS = (2, 4, 8)
+
+
+def train_resources(gpus: int) -> Resources:
+    """What the train step asks for with ``gpus`` GPUs: 6 CPUs and 40 GiB per GPU (fits 4x and 8x A10G nodes)."""
+    return TRAIN_RESOURCES if gpus == 1 else Resources(cpu=str(6 * gpus), mem=f"{40 * gpus}Gi", gpu=str(gpus))
+
+
 # Retries are for infrastructure failures (node loss, preemption); user errors are raised as
 # FlyteRecoverableException only where a retry can help (see tasks/train.py).
 RETRIES = 2
@@ -42,13 +52,15 @@ TRAIN_INTERRUPTIBLE = True
 IGNORED = ("config_yaml", "pipeline_run_id")
 
 STAGE_MODULES = {
-    "data": ["config.py", "errors.py", "ingest.py", "clean.py", "dedupe.py", "data.py"],
+    "data": ["config.py", "errors.py", "ingest.py", "clean.py", "dedupe.py", "data.py", "shard.py"],
     "tokenize": ["tokenize.py"],
     "train": ["train.py", "checkpoint.py", "unsloth_backend.py"],
     "evaluate": ["evaluate.py"],
     "merge": ["merge.py"],
     "deploy": ["serve.py"],
 }
+# Task modules per stage where a stage has more than ``<stage>.py``.
+TASK_MODULES = {"train": ["train.py", "train_elastic.py"]}
 # A stage's result depends on its own code and on every earlier stage's.
 ORDER = ["data", "tokenize", "train", "evaluate", "merge", "deploy"]
 
@@ -57,7 +69,7 @@ def code_version(stage: str) -> str:
     """Hash of the library code that decides a stage's result (its own and earlier stages')."""
     h = hashlib.sha256(b"policy-v1")
     for s in ORDER[: ORDER.index(stage) + 1]:
-        files = [LIBRARY / name for name in STAGE_MODULES[s]] + [TASKS / f"{s}.py"]
+        files = [LIBRARY / name for name in STAGE_MODULES[s]] + [TASKS / n for n in TASK_MODULES.get(s, [f"{s}.py"])]
         for p in files:
             if p.exists():
                 h.update(p.name.encode())

@@ -1,13 +1,19 @@
 """Register task: the merged model into the MLflow registry, the promotion gate, the pipeline summary.
 
-Never cached: the champion it compares against changes between executions. A model already
-registered from the same training result (same ``train_key`` and data) is not registered again, so
-retraining on unchanged data adds no version.
+Never cached: the champion it compares against changes between executions. A merged model already
+registered (same content digest: weights, config, tokenizer) is not registered again, so rerunning
+on unchanged inputs adds no version, while any change that alters the model does.
+
+Pipelines may run at once against one registry and one ``output_dir``: each execution writes its
+summary to ``<output_dir>/<name>/runs/<mlflow run id>/summary.json`` (and atomically replaces
+``<output_dir>/<name>/summary.json``, the latest), and the champion's serving manifests move their
+``current`` pointer under a lock, only to the version that holds the alias.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from flytekit import task
@@ -58,16 +64,16 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
         tracker.log_metrics({f"{model}.{k}": v for k, v in metrics.items()})
 
     existing = [mv for mv in client.search_model_versions(f"name='{name}'")
-                if (mv.tags or {}).get("train_key") == train_key and (mv.tags or {}).get("data_key") == data_key]
+                if (mv.tags or {}).get("model.sha256") == merge["sha256"]]
     if existing:
         version, decision = str(existing[0].version), {"promoted": False, "reason": "unchanged: already registered"}
-        print_line("register", f"same training inputs as version {version}: nothing new to register")
+        print_line("register", f"the same merged model as version {version}: nothing new to register")
     else:
         tracker.log_artifact(merged_dir.download(), "merged_model")
         tracker.log_dict({"data": json.loads(data_report), "tokenize": json.loads(tok_report), "train": train,
                           "eval": results, "merge": {k: v for k, v in merge.items() if k != "samples"},
                           "deploy": deploy}, "pipeline_report.json")
-        tags = {"train_key": train_key, "data_key": data_key, "eval_key": test_key,
+        tags = {"model.sha256": merge["sha256"], "train_key": train_key, "data_key": data_key, "eval_key": test_key,
                 "dataset.hash": data_key, "config.hash": cfg.hash(), "base_model": cfg.model.base_model,
                 "base_model.revision": cfg.model.revision or "", "flyte.execution_id": execution_id(),
                 "adapter_run_id": train.get("mlflow_run_id", ""),
@@ -76,7 +82,7 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
         decision = registry.promote(client, name, version, results["merged"], results["base"],
                                     cfg.eval.gate_metric, cfg.registry.promotion_margin, bool(deploy.get("passed")))
     if decision["promoted"]:
-        decision["manifests"] = str(render_champion_manifests(cfg, version))
+        decision["manifests"] = str(render_champion_manifests(cfg, client, version))
     tracker.set_tags({**{f"stage.{k}": v for k, v in stages.items()}, "registry.version": version,
                       "registry.promoted": decision["promoted"], "registry.reason": decision["reason"]})
     tracker.close()
@@ -89,15 +95,29 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
                           "vllm_exact_match": _served_exact_match(merge, deploy),
                           "pid": deploy.get("pid"), "port": deploy.get("port"),
                           "example": _example(merge, deploy), "latency": deploy.get("latency")}}
-    out = Path(cfg.output_dir) / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary["summary_file"] = str(write_summary(Path(cfg.output_dir) / cfg.name, pipeline_run_id, summary))
     return format_summary(summary)
 
 
-def render_champion_manifests(cfg, version: str) -> Path:  # noqa: ANN001
-    """A new champion gets its serving manifests (rolling update); earlier versions' folders stay for rollback."""
-    from qloraflow.deploy import render_manifests, validate_manifests, write_manifests
+def write_summary(out: Path, pipeline_run_id: str, summary: dict) -> Path:
+    """``out/runs/<run>/summary.json`` for this execution, then ``out/summary.json`` (the latest), both atomic."""
+    own = out / "runs" / pipeline_run_id / "summary.json"
+    text = json.dumps({**summary, "summary_file": str(own)}, indent=1, default=str)
+    for path in (own, out / "summary.json"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)  # readers see one execution's whole summary or another's, never a mix
+    return own
+
+
+def render_champion_manifests(cfg, client, version: str) -> Path:  # noqa: ANN001
+    """A new champion gets its serving manifests (rolling update); earlier versions' folders stay for rollback.
+
+    ``current`` moves only to the version holding the alias when the lock is taken: of two executions
+    promoting at once, the one the alias left behind writes its folder but cannot point at it.
+    """
+    from qloraflow.deploy import manifests_lock, render_manifests, validate_manifests, write_manifests
 
     root = Path(cfg.output_dir) / cfg.name / "deploy"
     for target in ("k8s", "kserve"):
@@ -105,15 +125,21 @@ def render_champion_manifests(cfg, version: str) -> Path:  # noqa: ANN001
                                      target=target, max_model_len=cfg.serve.max_model_len,
                                      tracking_uri=cfg.tracking.tracking_uri)
         validate_manifests(manifests)
-        write_manifests(root / target, manifests, version)
+        with manifests_lock(root / target):
+            holder = registry.champion(client, cfg.registry.model_name)
+            write_manifests(root / target, manifests, version,
+                            make_current=holder is not None and str(holder.version) == str(version))
     return root
 
 
 def stage_provenance(client, pipeline_run_id: str, reports: dict) -> dict[str, str]:  # noqa: ANN001
-    """For each stage: 'ran' in this execution, or 'cached' with the pipeline run that computed it."""
+    """For each stage: 'ran' in this execution, 'cached' with the pipeline run that computed it, or 'skipped'."""
     out = {}
     for stage, report in reports.items():
         run_id = report.get("mlflow_run_id")
+        if report.get("skipped"):  # switched off in the config (serve.enabled: false): nothing ran, nothing cached
+            out[stage] = "skipped"
+            continue
         if not run_id:
             out[stage] = "ran"
             continue
@@ -168,5 +194,6 @@ def format_summary(s: dict) -> str:
               f"{dep['hf_agreement']}  exact match of served answers: {dep['vllm_exact_match']}",
               f"          Q: {dep['example'].get('question')}",
               f"          A: {dep['example'].get('vllm_answer')}",
-              f"mlflow    run {s['mlflow_run_id']}  (flyte execution {s['flyte_execution_id']})", "=" * 72]
+              f"mlflow    run {s['mlflow_run_id']}  (flyte execution {s['flyte_execution_id']})",
+              f"summary   {s.get('summary_file')}", "=" * 72]
     return "\n".join(lines)

@@ -15,8 +15,9 @@ from pathlib import Path
 from flytekit import task
 from flytekit.types.file import FlyteFile
 
-from qloraflow.config import config_to_yaml, load_config
+from qloraflow.config import config_to_yaml, load_config, result_settings
 from qloraflow.data import content_hash
+from qloraflow.errors import ConfigError
 from qloraflow.tokenize import tokenizer_hash
 from qloraflow.tracking import MlflowTracker, check_reachable, resolve_tracking_uri
 from tasks import policy
@@ -24,7 +25,8 @@ from tasks.common import execution_id, print_line
 
 Resolved = typing.NamedTuple("Resolved", [
     ("config_yaml", str), ("data_key", str), ("tokenize_key", str), ("train_key", str), ("eval_key", str),
-    ("merge_key", str), ("serve_key", str), ("pipeline_run_id", str)])
+    ("merge_key", str), ("serve_key", str), ("pipeline_run_id", str), ("num_gpus", int),
+    ("data_shards", int), ("tokenize_shards", int)])
 
 
 def model_fingerprint(model: str, revision: str | None) -> str:
@@ -66,31 +68,52 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def input_fingerprints(cfg) -> dict[str, str]:  # noqa: ANN001
+    """Content hashes of the files a run reads: data, base model, its tokenizer, the eval database."""
+    model_fp = model_fingerprint(cfg.model.base_model, cfg.model.revision)
+    return {"data": content_hash(cfg.data.train_files + cfg.data.test_files), "model": model_fp,
+            "tokenizer": tokenizer_hash(cfg.model.base_model) if Path(cfg.model.base_model).exists() else model_fp,
+            "sqlite_db": content_hash([cfg.eval.sqlite_db]) if cfg.eval.sqlite_db else ""}
+
+
+def stage_keys(cfg, fp: dict[str, str]) -> dict[str, str]:  # noqa: ANN001
+    """Each stage's cache key: a hash of the config sections and input files that decide its result.
+
+    Earlier stages' outputs are inputs of the later tasks, so a stage also re-runs when one before it did.
+    """
+    d = cfg.to_dict()
+    # With data.max_tokens the data stage counts tokens with the base model's tokenizer.
+    data_tok = fp["tokenizer"] if cfg.data.max_tokens is not None else ""
+    return {
+        # Settings that only spread the work (shards, processes) give the same output: not in the keys.
+        "data_key": _key(result_settings(cfg.data), cfg.seed, fp["data"], data_tok),
+        "tokenize_key": _key(result_settings(cfg.tokenize), fp["tokenizer"]),
+        "train_key": _key(d["model"], d["lora"], d["train"], cfg.seed, fp["model"]),
+        "eval_key": _key(d["eval"], cfg.model.compute_dtype, fp["sqlite_db"]),
+        "merge_key": _key(d["merge"], cfg.model.compute_dtype),
+        "serve_key": _key(d["serve"]),
+    }
+
+
 @task(container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES)
 def resolve_config(config: FlyteFile) -> Resolved:
     """Validate the config (every problem at once), hash the inputs, and start the pipeline's MLflow run."""
     cfg = load_config(config.download())
+    if cfg.train.num_gpus != 1 and cfg.train.num_gpus not in policy.MULTI_GPU_COUNTS:
+        raise ConfigError(config.path, [f"'train.num_gpus' is {cfg.train.num_gpus}; the train tasks run on 1 or "
+                                        f"{', '.join(map(str, policy.MULTI_GPU_COUNTS))} GPUs of one node"])
     check_reachable(resolve_tracking_uri(cfg.tracking.tracking_uri))
     d = cfg.to_dict()
-    data_hash = content_hash(cfg.data.train_files + cfg.data.test_files)
-    model_fp = model_fingerprint(cfg.model.base_model, cfg.model.revision)
-    tok_fp = tokenizer_hash(cfg.model.base_model) if Path(cfg.model.base_model).exists() else model_fp
-    db_fp = content_hash([cfg.eval.sqlite_db]) if cfg.eval.sqlite_db else ""
-    keys = {
-        "data_key": _key(d["data"], cfg.seed, data_hash),
-        "tokenize_key": _key(d["tokenize"], tok_fp),
-        "train_key": _key(d["model"], d["lora"], d["train"], cfg.seed, model_fp),
-        "eval_key": _key(d["eval"], cfg.model.compute_dtype, db_fp),
-        "merge_key": _key(d["merge"], cfg.model.compute_dtype),
-        "serve_key": _key(d["serve"]),
-    }
+    fp = input_fingerprints(cfg)
+    keys = stage_keys(cfg, fp)
     tracker = MlflowTracker(cfg.tracking.experiment, cfg.tracking.tracking_uri, run_name=cfg.name,
                             tags={"flyte.execution_id": execution_id(), "qloraflow.pipeline": "finetune",
-                                  "dataset.hash": data_hash, "config.hash": cfg.hash(),
+                                  "dataset.hash": fp["data"], "config.hash": cfg.hash(),
                                   "model.base": cfg.model.base_model, "model.revision": cfg.model.revision or "",
-                                  "model.fingerprint": model_fp, **environment_tags()})
+                                  "model.fingerprint": fp["model"], **environment_tags()})
     flat = {f"{sec}.{k}": v for sec, vals in d.items() if isinstance(vals, dict) for k, v in vals.items()}
     tracker.log_params({**flat, "name": cfg.name, "seed": cfg.seed})
     tracker.log_dict(d, "config.json")
-    print_line("resolve", f"config {cfg.name} valid; data {data_hash[:12]}; MLflow run {tracker.run_id}")
-    return Resolved(config_yaml=config_to_yaml(cfg), pipeline_run_id=tracker.run_id, **keys)
+    print_line("resolve", f"config {cfg.name} valid; data {fp['data'][:12]}; MLflow run {tracker.run_id}")
+    return Resolved(config_yaml=config_to_yaml(cfg), pipeline_run_id=tracker.run_id, num_gpus=cfg.train.num_gpus,
+                    data_shards=cfg.data.num_shards, tokenize_shards=cfg.tokenize.num_shards, **keys)

@@ -130,3 +130,72 @@ def tiny_config(model_dir: Path, **overrides):
         sec, key = dotted.split(".")
         raw.setdefault(sec, {})[key] = value
     return config_from_dict(raw)
+
+
+# --- whole-workflow runs: `pyflyte run` on small demo assets, from a snapshot of the project ---------------------
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> Path:
+    """Demo assets with 200 train and 16 test records, generated once: copy them before changing any."""
+    from qloraflow.demo import generate_demo_assets
+
+    root = tmp_path_factory.mktemp("small-demo")
+    generate_demo_assets(root, seed=0, n_train=200, n_test=16)
+    return root
+
+
+def snapshot_project(dest: Path) -> Path:
+    """Copy the importable code (library, tasks, workflows): runs from it see one version of the code."""
+    import shutil
+
+    for part in ("qloraflow", "tasks", "workflows"):
+        shutil.copytree(ROOT / part, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def quick_pipeline_config(demo: Path, output_dir: Path, **dotted) -> dict:
+    """configs/tiny.yaml pointed at ``demo``, cut to seconds per stage: 6 steps, 8 test prompts, no serving."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["data"].update(train_files=[str(demo / "data/train.jsonl")], test_files=[str(demo / "data/test.jsonl")])
+    cfg["model"]["base_model"] = str(demo / "base-model")
+    cfg["train"].update(max_steps=6, save_steps=3, eval_steps=3, logging_steps=1)
+    cfg["eval"].update(sqlite_db=str(demo / "data/shop.sqlite"), max_samples=8, batch_size=8)
+    cfg["serve"]["enabled"] = False
+    cfg["output_dir"] = str(output_dir)
+    for key, value in dotted.items():
+        sec, name = key.split(".")
+        cfg[sec][name] = value
+    return cfg
+
+
+def pyflyte_env(root: Path, tracking_uri: str) -> dict:
+    """Flyte keeps its local cache under $HOME and task outputs under $TMPDIR: both inside ``root``."""
+    (root / "home").mkdir(exist_ok=True)
+    (root / "tmp").mkdir(exist_ok=True)
+    return dict(os.environ, HOME=str(root / "home"), TMPDIR=str(root / "tmp"), MLFLOW_TRACKING_URI=tracking_uri,
+                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+
+
+def start_pyflyte(project: Path, config: Path, env: dict, log: Path) -> subprocess.Popen:
+    """``pyflyte run workflows/finetune.py finetune --config <config>`` in ``project``, output to ``log``."""
+    return subprocess.Popen([str(Path(sys.executable).with_name("pyflyte")), "run", "workflows/finetune.py",
+                             "finetune", "--config", str(config)], cwd=project, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def finished_pyflyte(proc: subprocess.Popen, log: Path, timeout_s: float = 900) -> tuple[str, dict]:
+    """Wait for a pyflyte run; return its output and the summary file of this execution."""
+    import json
+    import re
+
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    out = log.read_text()
+    assert proc.returncode == 0, out[-6000:]
+    return out, json.loads(Path(re.findall(r"^summary\s+(\S+)$", out, re.M)[-1]).read_text())

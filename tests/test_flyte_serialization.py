@@ -18,6 +18,7 @@ from tasks.register import register_and_promote
 from tasks.resolve import resolve_config
 from tasks.tokenize import tokenize_data
 from tasks.train import train_model
+from tasks.train_elastic import TRAIN_ON_GPUS
 from workflows.finetune import finetune
 from workflows.schedules import nightly_retrain, retrain_on_new_data
 
@@ -71,3 +72,47 @@ def test_workflow_and_schedules_serialize():
         spec = serialize(lp)
         assert spec.spec.entity_metadata.schedule.cron_schedule.schedule == cron
         assert "config" in spec.spec.fixed_inputs.literals
+
+
+@pytest.mark.parametrize("gpus", policy.MULTI_GPU_COUNTS)
+def test_multi_gpu_train_tasks_run_torchrun_in_one_pod_with_their_gpus(gpus):
+    from flytekitplugins.kfpytorch import Elastic
+
+    task = TRAIN_ON_GPUS[gpus]
+    # What flytekit launches inside the pod: one worker process per GPU, one node.
+    assert task.task_config == Elastic(nnodes=1, nproc_per_node=gpus)
+    t = serialize(task).template
+    # A single-node Elastic task is a plain pod (no PyTorchJob): its container re-imports the task,
+    # Elastic config included, and starts the workers itself.
+    assert (t.type, t.task_type_version) == ("python-task", 1) and not t.custom
+    assert t.container.args[-4:] == ["task-module", "tasks.train_elastic", "task-name", f"train_model_{gpus}gpu"]
+    assert requests(t)["gpu"] == str(gpus) and requests(t)["cpu"] == str(6 * gpus)
+    assert requests(t)["memory"] == f"{40 * gpus}Gi"
+    assert t.extended_resources.gpu_accelerator.device == "nvidia-a10g"
+    assert t.extended_resources.shared_memory.mount_path == "/dev/shm"  # NCCL's transport between the GPUs
+    assert t.container.image == policy.TRAIN_IMAGE
+    assert t.metadata.interruptible is True and t.metadata.retries.retries == policy.RETRIES
+    assert t.metadata.discoverable is True and t.metadata.discovery_version == policy.code_version("train")
+    # The same interface as the one-GPU task: later stages cannot tell them apart.
+    assert t.interface == serialize(train_model).template.interface
+
+
+def test_workflow_picks_the_train_task_by_num_gpus():
+    entities = OrderedDict()
+    wf = get_serializable(entities, SETTINGS, finetune)
+    (node,) = [n for n in wf.template.nodes if n.metadata.name == "train"]
+    branch = node.branch_node.if_else
+    cases = [branch.case, *branch.other]
+    picks = {c.condition.comparison.right_value.primitive.integer: c.then_node.task_node.reference_id.name
+             for c in cases}
+    assert all(c.condition.comparison.left_value.var == "n0.num_gpus" for c in cases)  # resolve_config's output
+    assert picks == {1: "tasks.train.train_model", **{n: f"tasks.train_elastic.train_model_{n}gpu"
+                                                       for n in policy.MULTI_GPU_COUNTS}}
+    assert "train.num_gpus" in branch.error.message
+    # Every branch's task travels with the workflow, with its resources and image.
+    templates = {e.template.id.name: e.template for e in entities.values() if hasattr(e, "template")
+                 and hasattr(e.template, "container")}
+    for n in policy.MULTI_GPU_COUNTS:
+        t = templates[f"tasks.train_elastic.train_model_{n}gpu"]
+        assert requests(t)["gpu"] == str(n) and t.container.image == policy.TRAIN_IMAGE
+    assert tuple(TRAIN_ON_GPUS) == policy.MULTI_GPU_COUNTS
