@@ -175,58 +175,11 @@ def flops_per_token(shape: dict, seq: int) -> float:
 
 # ------------------------------------------------------------------------------------- experiments
 
-def register_varlen_attention(kernel: Any = None) -> str:
-    """Register ``qf_varlen``: PyTorch's flash varlen kernel over the documents of a packed row.
-
-    SDPA gets a materialised block-diagonal mask for packed rows and then runs its memory-efficient
-    kernel over the whole (N x N) product; the varlen kernel attends only within each document.
-    ``kernel`` replaces ``torch.nn.attention.varlen.varlen_attn`` (CUDA only) in tests.
-    """
-    import inspect
-
-    import torch
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    if kernel is None:
-        from torch.nn.attention.varlen import varlen_attn as kernel
-    varlen_attn = kernel
-    params = inspect.signature(varlen_attn).parameters
-
-    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None, **kw):
-        b, h, n, d = query.shape
-        hk = key.shape[1]
-        starts = torch.nonzero(position_ids.reshape(-1) == 0).flatten()
-        cu = torch.cat([starts, starts.new_tensor([b * n])]).to(torch.int32)
-        max_len = int((cu[1:] - cu[:-1]).max())
-        dtype = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        q, k, v = (x.transpose(1, 2).reshape(b * n, x.shape[1], d).to(dtype) for x in (query, key, value))
-        extra: dict[str, Any] = {}
-        if hk != h and "enable_gqa" in params:
-            extra["enable_gqa"] = True
-        elif hk != h:
-            k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
-        if "is_causal" in params:
-            extra["is_causal"] = True
-        else:
-            extra["window_size"] = (-1, 0)
-        if "scale" in params and scaling is not None:
-            extra["scale"] = scaling
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
-        return out.reshape(b, n, h, d).to(query.dtype), None
-
-    AttentionInterface.register("qf_varlen", forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("qf_varlen", ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
-    return "qf_varlen"
-
-
 def apply_experiments(args: argparse.Namespace, cfg: Any) -> None:
     """Patch the project's functions for the comparison runs (never used by the pipeline)."""
     from qloraflow import train as T
 
-    if args.attn == "varlen":
-        cfg.model.attn_implementation = register_varlen_attention()
-    elif args.attn:
+    if args.attn:
         cfg.model.attn_implementation = args.attn  # set after validation: flex is not a config choice
     cfg.model.upcast_unquantized_fp32 = args.fp32_upcast  # peft's prepare_model_for_kbit_training
     if args.activation_offloading:

@@ -84,7 +84,8 @@ class ModelConfig:
     bnb_4bit_quant_type: str = _f("nf4", "4-bit data type: nf4 or fp4.")
     double_quant: bool = _f(True, "Quantise the 4-bit quantisation constants too (QLoRA double quantisation).")
     compute_dtype: str = _f("bfloat16", "Compute and merge dtype: bfloat16, float16 or float32.")
-    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager or flash_attention_2.")
+    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager, flash_attention_2, or varlen (PyTorch's "
+                                          "variable-length flash kernel over each packed example; CUDA only).")
     upcast_unquantized_fp32: bool = _f(True, "peft's prepare_model_for_kbit_training: keep embeddings, norms and "
                                              "lm_head in fp32 (stabler, more memory); false keeps them in the "
                                              "compute dtype, as TRL's QLoRA recipe does.")
@@ -136,6 +137,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     optimizer: str = _f("paged_adamw_8bit", "Optimiser name as transformers knows it (paged_adamw_8bit, adamw_torch, ...).")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward (non-reentrant).")
+    liger_kernel: bool = _f(False, "hf backend on CUDA: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused "
+                                   "linear cross-entropy that never materialises the logits).")
     logging_steps: int = _f(10, "Log metrics every N steps.")
     eval_steps: int = _f(100, "Evaluate on the validation split every N steps (0: never).")
     save_steps: int = _f(100, "Write a checkpoint every N steps.")
@@ -243,7 +246,7 @@ CHOICES = {
     "model.quantization": {"4bit", "8bit", "none"},
     "model.bnb_4bit_quant_type": {"nf4", "fp4"},
     "model.compute_dtype": {"bfloat16", "float16", "float32"},
-    "model.attn_implementation": {"sdpa", "eager", "flash_attention_2"},
+    "model.attn_implementation": {"sdpa", "eager", "flash_attention_2", "varlen"},
     "tokenize.chat_template": {None, "alpaca", "chatml", "llama-3"},
     "tokenize.train_on": {"completions", "all"},
     "tokenize.overlong": {"truncate", "drop"},
@@ -375,6 +378,14 @@ def validate(cfg: FinetuneConfig) -> list[str]:
         p.append("'train.early_stopping_patience' needs 'train.eval_steps' > 0")
     if t.num_gpus < 1:
         p.append(f"'train.num_gpus' must be >= 1, got {t.num_gpus}")
+    if t.liger_kernel and t.use_cpu:
+        p.append("'train.liger_kernel' needs a CUDA GPU (Triton kernels); set it to false with 'train.use_cpu'")
+    if t.liger_kernel and t.backend == "unsloth":
+        p.append("'train.liger_kernel' is for the hf backend (Unsloth brings its own kernels); "
+                 "set 'train.backend' to hf or 'train.liger_kernel' to false")
+    if cfg.model.attn_implementation == "varlen" and t.use_cpu:
+        p.append("'model.attn_implementation' varlen needs a CUDA GPU (flash attention); use sdpa with "
+                 "'train.use_cpu'")
     if t.num_gpus > 1 and t.backend == "unsloth":
         p.append("'train.backend' unsloth trains on one GPU; use hf (or auto) with 'train.num_gpus' > 1")
     if t.distributed == "fsdp":

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from qloraflow import checkpoint as ckpt
+from qloraflow.attention import attention_implementation
 from qloraflow.config import FinetuneConfig
 from qloraflow.tokenize import IGNORE_INDEX
 from qloraflow.tracking import NullTracker, Tracker
@@ -112,7 +113,7 @@ def load_base_model(cfg: FinetuneConfig) -> Any:
     # once the Trainer wraps it (its 4-bit weights are stored in the compute dtype, so FSDP can).
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.base_model, revision=cfg.model.revision, quantization_config=quantization_config(cfg),
-        dtype=compute_dtype(cfg), attn_implementation=cfg.model.attn_implementation,
+        dtype=compute_dtype(cfg), attn_implementation=attention_implementation(cfg.model.attn_implementation),
         device_map={"": int(os.environ.get("LOCAL_RANK", "0"))} if _on_gpu(cfg) else {"": "cpu"})
     model.config.use_cache = False
     if cfg.model.quantization != "none" and cfg.model.upcast_unquantized_fp32:
@@ -198,6 +199,7 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, has_eval: bool) ->
         **_length_grouping(SFTConfig, not cfg.tokenize.packing),
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, packing=False,
         report_to="none", dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
+        use_liger_kernel=cfg.train.liger_kernel,
         **_distributed_arguments(cfg),
     )
 

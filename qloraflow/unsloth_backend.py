@@ -70,8 +70,9 @@ def unsupported_settings(cfg: FinetuneConfig) -> list[str]:
     if cfg.model.quantization == "8bit":
         problems.append("'model.quantization' is '8bit': the unsloth backend trains 4bit (QLoRA) or none "
                         "(16-bit LoRA); use 'train.backend: hf' for 8-bit")
-    if cfg.model.attn_implementation == "eager":
-        problems.append("'model.attn_implementation' is 'eager': Unsloth picks its own attention kernels; "
+    if cfg.model.attn_implementation in ("eager", "varlen"):
+        problems.append(f"'model.attn_implementation' is {cfg.model.attn_implementation!r}: Unsloth picks its own "
+                        "attention kernels; "
                         "use 'sdpa' (or 'train.backend: hf')")
     if cfg.train.use_cpu:
         problems.append("'train.use_cpu' is true: Unsloth's kernels need a CUDA GPU; use 'train.backend: hf'")
