@@ -53,6 +53,35 @@ def register_model(client: Any, name: str, source: str, run_id: Optional[str], t
     return str(mv.version)
 
 
+DIGEST_TAG = "model.sha256"
+
+
+def version_with_digest(client: Any, name: str, digest: str) -> Optional[str]:
+    """The version already registered with this content digest (the same merged model), if any."""
+    found = [mv for mv in client.search_model_versions(f"name='{name}'") if (mv.tags or {}).get(DIGEST_TAG) == digest]
+    return str(min(int(mv.version) for mv in found)) if found else None
+
+
+def register_once(client: Any, name: str, digest: str, source: str, run_id: Optional[str],
+                  tags: dict[str, Any]) -> tuple[str, bool]:
+    """Register the model unless a version with the same content digest exists; ``(version, created)``.
+
+    The check and the registration hold the registry lock, so two executions that produced the same
+    model at once register it once. Across hosts (where the file lock does not reach) the later one
+    finds the earlier version after registering and deletes its own duplicate.
+    """
+    with _lock(name):
+        existing = version_with_digest(client, name, digest)
+        if existing is not None:
+            return existing, False
+        version = register_model(client, name, source, run_id, {**tags, DIGEST_TAG: digest})
+    first = version_with_digest(client, name, digest)
+    if first is not None and first != version:
+        client.delete_model_version(name, version)
+        return first, False
+    return version, True
+
+
 def champion(client: Any, name: str) -> Optional[Any]:
     try:
         return client.get_model_version_by_alias(name, ALIAS)

@@ -63,24 +63,26 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
     for model, metrics in results.items():
         tracker.log_metrics({f"{model}.{k}": v for k, v in metrics.items()})
 
-    existing = [mv for mv in client.search_model_versions(f"name='{name}'")
-                if (mv.tags or {}).get("model.sha256") == merge["sha256"]]
-    if existing:
-        version, decision = str(existing[0].version), {"promoted": False, "reason": "unchanged: already registered"}
-        print_line("register", f"the same merged model as version {version}: nothing new to register")
-    else:
+    version = registry.version_with_digest(client, name, merge["sha256"])
+    created = False
+    if version is None:  # upload outside the registry lock; register_once re-checks under it
         tracker.log_artifact(merged_dir.download(), "merged_model")
         tracker.log_dict({"data": json.loads(data_report), "tokenize": json.loads(tok_report), "train": train,
                           "eval": results, "merge": {k: v for k, v in merge.items() if k != "samples"},
                           "deploy": deploy}, "pipeline_report.json")
-        tags = {"model.sha256": merge["sha256"], "train_key": train_key, "data_key": data_key, "eval_key": test_key,
+        tags = {"train_key": train_key, "data_key": data_key, "eval_key": test_key,
                 "dataset.hash": data_key, "config.hash": cfg.hash(), "base_model": cfg.model.base_model,
                 "base_model.revision": cfg.model.revision or "", "flyte.execution_id": execution_id(),
                 "adapter_run_id": train.get("mlflow_run_id", ""),
                 **{f"metric.{k}": v for k, v in results["merged"].items()}}
-        version = registry.register_model(client, name, f"runs:/{pipeline_run_id}/merged_model", pipeline_run_id, tags)
+        version, created = registry.register_once(client, name, merge["sha256"],
+                                                  f"runs:/{pipeline_run_id}/merged_model", pipeline_run_id, tags)
+    if created:
         decision = registry.promote(client, name, version, results["merged"], results["base"],
                                     cfg.eval.gate_metric, cfg.registry.promotion_margin, bool(deploy.get("passed")))
+    else:
+        decision = {"promoted": False, "reason": "unchanged: already registered"}
+        print_line("register", f"the same merged model as version {version}: nothing new to register")
     if decision["promoted"]:
         decision["manifests"] = str(render_champion_manifests(cfg, client, version))
     tracker.set_tags({**{f"stage.{k}": v for k, v in stages.items()}, "registry.version": version,

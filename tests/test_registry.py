@@ -80,6 +80,41 @@ def test_concurrent_promotions_leave_one_champion_and_every_version(mlflow_serve
     assert any(results.values())
 
 
+def _register_once(uri: str, name: str, digest: str, tmp: str, start, out) -> None:  # noqa: ANN001
+    tracker = MlflowTracker("registry-tests", uri, run_name=f"{name}-once", fallback_dir=tmp)
+    tracker.close()
+    client = registry.client_for(uri)
+    start.wait(60)  # both processes check and register at the same moment
+    out.put(registry.register_once(client, name, digest, f"runs:/{tracker.run_id}/merged_model", tracker.run_id,
+                                   {"metric.exact_match": 0.5}))
+
+
+def test_the_same_model_registered_at_once_by_two_executions_gets_one_version(mlflow_server, tmp_path):
+    name = f"once-{uuid.uuid4().hex[:6]}"
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_register_once, args=(mlflow_server, name, "d" * 64, str(tmp_path), start, out))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    results = [out.get(timeout=5) for _ in procs]
+    assert sorted(created for _, created in results) == [False, True]
+    assert len({version for version, _ in results}) == 1
+    client = registry.client_for(mlflow_server)
+    assert len(registry.list_versions(client, name)) == 1
+    run = MlflowTracker("registry-tests", mlflow_server, run_name=f"{name}-later", fallback_dir=str(tmp_path))
+    run.close()
+    source = f"runs:/{run.run_id}/merged_model"
+    again = registry.register_once(client, name, "d" * 64, source, run.run_id, {})
+    assert again == (results[0][0], False)  # a later execution with the same model adds nothing
+    _, created = registry.register_once(client, name, "e" * 64, source, run.run_id, {})
+    assert created and len(registry.list_versions(client, name)) == 2  # a different model is a new version
+
+
 def test_cli_lists_promotes_and_rolls_back(mlflow_server, tmp_path, capsys):
     from qloraflow.cli import main
 
