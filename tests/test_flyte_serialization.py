@@ -116,3 +116,46 @@ def test_workflow_picks_the_train_task_by_num_gpus():
         t = templates[f"tasks.train_elastic.train_model_{n}gpu"]
         assert requests(t)["gpu"] == str(n) and t.container.image == policy.TRAIN_IMAGE
     assert tuple(TRAIN_ON_GPUS) == policy.MULTI_GPU_COUNTS
+
+
+def test_pyflyte_package_serializes_every_task_workflow_and_launch_plan(tmp_path):
+    """What `pyflyte register` would upload, made by the real CLI and read back from the archive."""
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    from flyteidl.admin import launch_plan_pb2, task_pb2, workflow_pb2
+
+    root = Path(__file__).resolve().parent.parent
+    archive = tmp_path / "flyte-package.tgz"
+    subprocess.run([str(Path(sys.executable).with_name("pyflyte")), "--pkgs", "workflows", "package", "--image",
+                    "ghcr.io/qloraflow/data:default", "--output", str(archive), "--force"],
+                   cwd=root, check=True, capture_output=True, timeout=300)
+    tasks, workflows, plans = {}, {}, {}
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            data = tar.extractfile(member).read()
+            if member.name.endswith("_1.pb"):
+                spec = task_pb2.TaskSpec.FromString(data)
+                tasks[spec.template.id.name] = spec.template
+            elif member.name.endswith("_2.pb"):
+                spec = workflow_pb2.WorkflowSpec.FromString(data)
+                workflows[spec.template.id.name] = spec.template
+            elif member.name.endswith("_3.pb"):
+                plan = launch_plan_pb2.LaunchPlan.FromString(data)
+                plans[plan.id.name] = plan
+    assert {"workflows.finetune.finetune", "workflows.sharded.sharded_data",
+            "workflows.sharded.sharded_tokenize"} <= set(workflows)
+    assert {"nightly_retrain", "retrain_on_new_data"} <= set(plans)
+    assert plans["nightly_retrain"].spec.entity_metadata.schedule.cron_schedule.schedule == "0 2 * * *"
+    assert "config" in plans["nightly_retrain"].spec.fixed_inputs.literals
+    train = tasks["tasks.train.train_model"]
+    assert train.container.image == policy.TRAIN_IMAGE  # the policy's image, not the package default
+    assert train.extended_resources.gpu_accelerator.device == "nvidia-a10g"
+    assert {r.value for r in train.container.resources.requests} >= {"1", "48Gi"}
+    assert train.metadata.interruptible is True and train.metadata.retries.retries == policy.RETRIES
+    assert tasks["tasks.deploy.deploy_model"].container.image == policy.SERVE_IMAGE
+    assert tasks["tasks.data.prepare_data"].container.image == policy.DATA_IMAGE
+    elastic = [t for name, t in tasks.items() if name.startswith("tasks.train_elastic.")]
+    assert len(elastic) == len(policy.MULTI_GPU_COUNTS)
