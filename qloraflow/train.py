@@ -348,17 +348,6 @@ def _progress_callback(tracker: Tracker, output_dir: Path, on_checkpoint: Option
     class Progress(TrainerCallback):
         def __init__(self) -> None:
             self.t0, self.tokens0 = time.time(), 0
-            self.dtypes: dict[str, torch.dtype] = {}
-
-        def on_init_end(self, args, state, control, model=None, **kw):  # noqa: ANN001
-            self.dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
-
-        def on_train_begin(self, args, state, control, model=None, **kw):  # noqa: ANN001
-            # Resuming reloads the adapter through peft, which upcasts it to fp32, while TRL trains QLoRA
-            # adapters in bf16: restore the dtypes of the uninterrupted run so resuming changes nothing.
-            for n, p in model.named_parameters():
-                if n in self.dtypes and p.dtype != self.dtypes[n]:
-                    p.data = p.data.to(self.dtypes[n])
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             logs = dict(logs or {})
