@@ -155,24 +155,43 @@ class Collator:
     ``position_ids`` restart at every example and no attention mask is passed; transformers turns
     that into a block-diagonal causal mask (SDPA/eager) or FlashAttention's varlen path. No pad
     token is computed. Otherwise rows are right-padded with an attention mask.
+
+    ``boundaries``: where the examples of a padding-free batch start, computed here on the host so
+    that the attention kernel need not read them off the ``position_ids`` on the GPU (a sync each
+    time): ``"flash"`` adds ``cu_seq_lens_q/k`` and ``max_length_q/k`` (transformers' names, read by
+    ``model.attn_implementation: varlen``), ``"unsloth"`` adds ``packed_seq_lengths`` (Unsloth's).
     """
 
     pad_token_id: int
     padding_free: bool
+    boundaries: Optional[str] = None
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
         if self.padding_free:
             cat = lambda key: torch.tensor([[t for r in rows for t in r[key]]], dtype=torch.long)  # noqa: E731
-            return {"input_ids": cat("input_ids"), "labels": cat("labels"), "position_ids": cat("position_ids")}
+            batch: dict[str, Any] = {"input_ids": cat("input_ids"), "labels": cat("labels"),
+                                     "position_ids": cat("position_ids")}
+            if self.boundaries:
+                batch.update(self.example_boundaries(batch["position_ids"][0]))
+            return batch
         width = max(len(r["input_ids"]) for r in rows)
         width = (width + 7) // 8 * 8
-        batch = {"input_ids": [], "labels": [], "attention_mask": []}
+        padded: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
         for r in rows:
             pad = width - len(r["input_ids"])
-            batch["input_ids"].append(list(r["input_ids"]) + [self.pad_token_id] * pad)
-            batch["labels"].append(list(r["labels"]) + [IGNORE_INDEX] * pad)
-            batch["attention_mask"].append([1] * len(r["input_ids"]) + [0] * pad)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+            padded["input_ids"].append(list(r["input_ids"]) + [self.pad_token_id] * pad)
+            padded["labels"].append(list(r["labels"]) + [IGNORE_INDEX] * pad)
+            padded["attention_mask"].append([1] * len(r["input_ids"]) + [0] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in padded.items()}
+
+    def example_boundaries(self, positions: torch.Tensor) -> dict[str, Any]:
+        starts = torch.nonzero(positions == 0).flatten()
+        cu = torch.cat([starts, torch.tensor([positions.numel()])]).to(torch.int32)
+        lengths = cu[1:] - cu[:-1]
+        if self.boundaries == "unsloth":
+            return {"packed_seq_lengths": lengths}
+        longest = int(lengths.max())
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def training_arguments(cfg: FinetuneConfig, output_dir: Path, has_eval: bool) -> Any:
@@ -326,6 +345,35 @@ def with_atomic_checkpoints(trainer_cls: type) -> type:
     return AtomicCheckpointTrainer
 
 
+def with_host_token_count(trainer_cls: type) -> type:
+    """``trainer_cls`` that counts a padding-free batch's tokens from its shape.
+
+    The Trainer counts the tokens it has seen (``include_num_input_tokens_seen``, behind the tokens/s
+    metric) with a GPU sum and ``.item()`` every micro-step: a full synchronisation before each forward,
+    which leaves the GPU idle while the next step is launched. Every token of a padding-free batch is
+    a real one, so one process counts ``numel`` instead; padded batches and several processes keep
+    the Trainer's count (it needs the mask's sum, and a gather across processes).
+    """
+
+    class HostTokenCountTrainer(trainer_cls):
+        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+            if ("attention_mask" in inputs or "position_ids" not in inputs or self.args.world_size > 1
+                    or self.args.include_num_input_tokens_seen == "no"):
+                return super()._track_num_input_tokens(inputs)
+            self.state.num_input_tokens_seen += inputs["input_ids"].numel()
+
+    return HostTokenCountTrainer
+
+
+def boundaries_for(cfg: FinetuneConfig) -> Optional[str]:
+    """Which example boundaries the collator adds to padding-free batches (see ``Collator``)."""
+    if not cfg.tokenize.packing:
+        return None
+    if resolve_backend(cfg.train.backend) == "unsloth":
+        return "unsloth"
+    return "flash" if cfg.model.attn_implementation == "varlen" else None
+
+
 def build_trainer(cfg: FinetuneConfig, model: Any, tokenizer: Any, train_ds: Any, val_ds: Optional[Any],
                   output_dir: Path, callbacks: list[Any]) -> Any:
     from transformers import EarlyStoppingCallback
@@ -334,9 +382,10 @@ def build_trainer(cfg: FinetuneConfig, model: Any, tokenizer: Any, train_ds: Any
     args = training_arguments(cfg, output_dir, val_ds is not None)
     if args.load_best_model_at_end:
         callbacks = callbacks + [EarlyStoppingCallback(cfg.train.early_stopping_patience)]
-    return with_atomic_checkpoints(SFTTrainer)(
+    collator = Collator(tokenizer.pad_token_id, padding_free=cfg.tokenize.packing, boundaries=boundaries_for(cfg))
+    return with_host_token_count(with_atomic_checkpoints(SFTTrainer))(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
-        callbacks=callbacks, data_collator=Collator(tokenizer.pad_token_id, padding_free=cfg.tokenize.packing))
+        callbacks=callbacks, data_collator=collator)
 
 
 # ----------------------------------------------------------------------------------------------- run

@@ -95,6 +95,31 @@ def bnb_config(cfg: FinetuneConfig) -> Any:
     return quantization_config(cfg)
 
 
+def use_flash_varlen_for_packed_rows() -> bool:
+    """Send Unsloth's packed rows through ATen's flash varlen kernel on any torch build; True when in use.
+
+    A padding-free batch is one row of several examples. Unsloth attends within each example with
+    torch's ``varlen_attn`` when that takes grouped-query attention (torch 2.12 and later); otherwise
+    with xformers when it is installed, or else with one SDPA call per run of equal lengths, where
+    cuDNN builds a new plan for each new length (tens of ms each, the first times they are seen).
+    ``qloraflow.attention.flash_varlen_attn`` has ``varlen_attn``'s signature and takes GQA on torch
+    2.11 too, so every image trains packed rows on the same kernel, the one torch's varlen calls.
+    """
+    import torch
+
+    if not torch.cuda.is_available() or not torch.backends.cuda.is_flash_attention_available():
+        return False
+    from unsloth.utils import attention_dispatch as dispatch
+
+    from qloraflow.attention import flash_varlen_attn
+
+    if getattr(dispatch, "_TORCH_VARLEN_ATTN", "absent") is None:
+        dispatch._TORCH_VARLEN_ATTN = flash_varlen_attn
+        # Unsloth prefers torch's kernels to xformers' only when torch has a varlen kernel; now it has.
+        dispatch._NATIVE_BEATS_XFORMERS = dispatch._native_beats_xformers(dispatch._visible_capabilities(), True)
+    return getattr(dispatch, "_TORCH_VARLEN_ATTN", None) is not None
+
+
 def load_unsloth_model(cfg: FinetuneConfig) -> Any:
     """The base model with a fresh LoRA adapter, built by Unsloth's ``FastLanguageModel``.
 
@@ -118,6 +143,7 @@ def load_unsloth_model(cfg: FinetuneConfig) -> Any:
     # Imported here, after unsloth: train.py's helpers import transformers lazily.
     from qloraflow.train import compute_dtype
 
+    use_flash_varlen_for_packed_rows()
     quantized = cfg.model.quantization == "4bit"
     checkpointing = "unsloth" if cfg.train.gradient_checkpointing else False
     model, _tokenizer = FastLanguageModel.from_pretrained(

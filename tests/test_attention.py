@@ -8,6 +8,8 @@ each example's logits computed alone.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,8 +38,10 @@ def test_packed_row_logits_equal_each_example_alone():
     config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # GQA
     torch.manual_seed(0)
-    plain = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16).eval()
-    varlen = LlamaForCausalLM._from_config(config, attn_implementation=name, dtype=torch.bfloat16).eval()
+    # each model its own config: _from_config records the attention implementation on the config it is given
+    plain = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=torch.bfloat16).eval()
+    varlen = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation=name, dtype=torch.bfloat16).eval()
+    assert plain.config._attn_implementation == "sdpa"
     varlen.load_state_dict(plain.state_dict())
     g = torch.Generator().manual_seed(0)
     examples = [torch.randint(3, 300, (n,), generator=g) for n in (7, 19, 12)]
@@ -63,3 +67,38 @@ def test_varlen_and_liger_need_a_gpu_and_the_hf_backend(tiny_model_dir):
     assert "'train.liger_kernel' needs a CUDA GPU" in text
     with pytest.raises(ConfigError, match="'train.liger_kernel' is for the hf backend"):
         tiny_config(tiny_model_dir, **{"train.liger_kernel": True, "train.backend": "unsloth", "train.use_cpu": False})
+
+
+def test_boundaries_from_the_batch_reach_the_attention_through_the_model():
+    """The collator's ``cu_seq_lens_q`` / ``max_length_q`` flow through transformers' model to the varlen
+    attention and are used as given (no sync to read them off ``position_ids`` on the GPU): with
+    positions that never restart, the examples stay apart only if the batch's boundaries are used."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qloraflow.attention import register_varlen_attention
+    from qloraflow.train import Collator
+
+    name = register_varlen_attention(reference_varlen_attn)
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    # each model its own config: _from_config records the attention implementation on the config it is given
+    plain = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=torch.bfloat16).eval()
+    varlen = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation=name, dtype=torch.bfloat16).eval()
+    assert plain.config._attn_implementation == "sdpa"
+    varlen.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(1)
+    examples = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 14)]
+    rows = [{"input_ids": e, "labels": e, "position_ids": list(range(len(e)))} for e in examples]
+    batch = Collator(0, padding_free=True, boundaries="flash")(rows)
+    del batch["labels"]
+    with torch.no_grad():
+        got = varlen(**batch, use_cache=False).logits[0]
+        alone = torch.cat([plain(input_ids=torch.tensor([e]), use_cache=False).logits[0] for e in examples])
+        # the same boundaries, the positions of one long sequence: RoPE differs, the separation must not
+        shifted = dict(batch, position_ids=torch.arange(23)[None])
+        second_alone = plain(input_ids=torch.tensor([examples[1]]), position_ids=torch.arange(9, 23)[None],
+                             use_cache=False).logits[0]
+        got_shifted = varlen(**shifted, use_cache=False).logits[0]
+    torch.testing.assert_close(got.float(), alone.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got_shifted[9:].float(), second_alone.float(), rtol=2e-2, atol=2e-2)

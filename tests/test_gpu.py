@@ -139,3 +139,40 @@ def test_unsloth_backend_trains_the_same_adapter_shape(tmp_path, tiny_model_dir,
     hf_weights = load_file(tmp_path / "hf" / "adapter" / "adapter_model.safetensors")
     # The same modules adapted, with the same shapes: the adapters are interchangeable downstream.
     assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in hf_weights.items()}
+
+
+def per_example_sdpa(q, k, v, lengths):
+    """Causal SDPA on each example alone: what attention over a packed row must equal."""
+    import torch.nn.functional as F
+
+    out, start = [], 0
+    for n in lengths:
+        s = slice(start, start + n)
+        out.append(F.scaled_dot_product_attention(*(x[s].transpose(0, 1)[None] for x in (q, k, v)), is_causal=True,
+                                                  enable_gqa=True)[0].transpose(0, 1))
+        start += n
+    return torch.cat(out)
+
+
+def test_flash_varlen_attention_equals_each_example_alone_forward_and_backward():
+    """``flash_varlen_attn`` (the kernel of ``varlen`` attention and of Unsloth's packed rows) on a packed
+    row with grouped-query heads: outputs and all three gradients equal per-example SDPA's."""
+    from qloraflow.attention import flash_varlen_attn
+
+    lengths = [37, 300, 5, 190, 1]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(sum(lengths), h, 128, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
+               for h in (32, 8, 8))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    out = flash_varlen_attn(q, k, v, cu, cu, max(lengths), max(lengths), window_size=(-1, 0), enable_gqa=True)
+    grad = torch.randn(out.shape, generator=g, device="cuda", dtype=out.dtype)
+    got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    ref_out = per_example_sdpa(q, k, v, lengths)
+    want = [ref_out, *torch.autograd.grad(ref_out, (q, k, v), grad)]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
+    # Without the boundaries the examples would see each other: the check can tell.
+    whole = torch.tensor([0, sum(lengths)], dtype=torch.int32, device="cuda")
+    leaky = flash_varlen_attn(q, k, v, whole, whole, sum(lengths), sum(lengths), window_size=(-1, 0))
+    assert not torch.allclose(leaky[40:].float(), ref_out[40:].float(), rtol=2e-2, atol=2e-2)

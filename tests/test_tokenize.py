@@ -138,3 +138,20 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tiny_tokenizer, tiny_mod
         loss_leaky = model(**leaky, use_cache=False).loss
     assert torch.allclose(loss_packed, loss_unpacked, atol=1e-5), (loss_packed, loss_unpacked)
     assert not torch.allclose(loss_leaky, loss_unpacked, atol=1e-3)
+
+
+def test_collator_boundaries_are_the_examples_of_the_packed_row():
+    """The host-side boundaries equal what position_ids say, in transformers' and in Unsloth's names."""
+    from qloraflow.train import Collator
+
+    rows = [{"input_ids": [5] * 7, "labels": [5] * 7, "position_ids": [0, 1, 2, 0, 1, 0, 1]},
+            {"input_ids": [6] * 4, "labels": [6] * 4, "position_ids": [0, 1, 2, 3]}]
+    flash = Collator(0, padding_free=True, boundaries="flash")(rows)
+    assert flash["cu_seq_lens_q"].tolist() == flash["cu_seq_lens_k"].tolist() == [0, 3, 5, 7, 11]
+    assert flash["cu_seq_lens_q"].dtype == torch.int32 and flash["max_length_q"] == flash["max_length_k"] == 4
+    unsloth = Collator(0, padding_free=True, boundaries="unsloth")(rows)
+    assert unsloth["packed_seq_lengths"].tolist() == [3, 2, 2, 4] and "cu_seq_lens_q" not in unsloth
+    plain = Collator(0, padding_free=True)(rows)
+    assert set(plain) == {"input_ids", "labels", "position_ids"}
+    for batch in (flash, unsloth):
+        assert all(torch.equal(batch[k], plain[k]) for k in plain)

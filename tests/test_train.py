@@ -151,3 +151,28 @@ def test_killed_after_the_last_checkpoint_resumes_to_the_same_adapter_without_ex
     resumed = _adapter(tmp_path / "run")
     assert all(torch.equal(resumed[k], done[k]) for k in done)
     assert again["train_loss_last"] == first["train_loss_last"]
+
+
+def test_token_count_from_the_batch_shape_equals_the_trainers_count(tiny_model_dir, tiny_tokenized):
+    """``with_host_token_count``: padding-free batches are counted from their shape, without the
+    Trainer's GPU sum and sync; the count equals the Trainer's own, and every token of the rows seen."""
+    from transformers import AutoTokenizer
+
+    cfg = tiny_config(tiny_model_dir, **{"train.max_steps": -1, "train.num_epochs": 1})  # every row once
+    assert cfg.tokenize.packing
+    train_ds, _ = T.load_datasets(tiny_tokenized)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenized / "tokenizer")
+    seen = {}
+    for name, wrap in (("host", T.with_host_token_count), ("trainer", lambda cls: cls)):
+        original = T.with_host_token_count
+        T.with_host_token_count = wrap
+        try:
+            trainer = T.build_trainer(cfg, T.build_model(cfg, "hf"), tok, train_ds, None,
+                                      Path(cfg.output_dir) / name, [])
+        finally:
+            T.with_host_token_count = original
+        assert (type(trainer).__name__ == "HostTokenCountTrainer") == (name == "host")
+        trainer.args.save_strategy = "no"
+        trainer.train()
+        seen[name] = trainer.state.num_input_tokens_seen
+    assert seen["host"] == seen["trainer"] == sum(len(ids) for ids in train_ds["input_ids"])
