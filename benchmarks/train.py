@@ -16,7 +16,8 @@ logged step is one timed micro-batch), logging every step, no evaluation, no che
 The data are synthetic packed rows of exactly ``--seq`` tokens, each holding several examples of
 random length (position ids restart at 0 for each) whose first quarter is an unlabelled prompt and
 whose rest is a repeated short motif over a 512-token sub-vocabulary, so the loss has something to
-learn. Printed: steady-state tokens/s (steps after ``--warmup``), MFU against 790 TFLOP/s (6N
+learn. Printed: steady-state tokens/s (the wall time of the steps after ``--warmup``, the GPU
+synchronised at both ends of that window), MFU against 790 TFLOP/s (6N
 FLOPs a token, as the reference baseline counts them), peak reserved and allocated GPU memory, and
 the loss at the first and last step; ``--json`` writes everything.
 
@@ -29,6 +30,10 @@ Experiments (not the project's configuration; ``hf`` only):
                                       embeddings and lm_head to fp32
   --activation-offloading             TRL's offloading of checkpointed activations to the CPU
   --set KEY=VALUE                     any config override, e.g. lora.dropout=0 (the peer recipe's)
+  --off host-token-count              the Trainer's own token count (a GPU sum and sync a micro-step)
+  --off host-boundaries               example boundaries read off position_ids on the GPU, not the collator's
+  --off unsloth-flash-varlen          Unsloth's own kernel choice for packed rows (see qloraflow/unsloth_backend.py)
+  --logging-steps N                   default 1 (every step's loss, one GPU sync a step); the configs use 10
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, rope_theta=500000.0),
 }
 PEAK_FLOPS = 790e12  # bf16 dense, measured on these H100/H200 machines
-SUB_VOCAB = 512  # the synthetic answers draw from this many token ids
+SUB_VOCAB = 512
+OFF_SWITCHES = ("host-token-count", "host-boundaries", "unsloth-flash-varlen")  # the synthetic answers draw from this many token ids
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -191,6 +197,40 @@ def apply_experiments(args: argparse.Namespace, cfg: Any) -> None:
             return targs
 
         T.training_arguments = offloading
+    off = set(getattr(args, "off", None) or [])
+    if "host-token-count" in off:  # the Trainer's own count: a GPU sum and .item() each micro-step
+        T.with_host_token_count = lambda cls: cls
+    if "host-boundaries" in off:  # the attention reads the example boundaries off position_ids on the GPU
+        T.boundaries_for = lambda cfg: None
+    if "unsloth-flash-varlen" in off:  # Unsloth's own choice of kernel for packed rows
+        from qloraflow import unsloth_backend
+
+        unsloth_backend.use_flash_varlen_for_packed_rows = lambda: False
+
+
+class StepTimer:
+    """Wall time of steps ``warmup+1 .. steps``, the GPU synchronised at both ends (a TrainerCallback)."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps = warmup, steps
+        self.t0 = self.t1 = None
+
+    def callback(self) -> Any:
+        import torch
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Timer(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+                if state.global_step in (timer.warmup, timer.steps) and torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                if state.global_step == timer.warmup:
+                    timer.t0 = time.perf_counter()
+                elif state.global_step == timer.steps:
+                    timer.t1 = time.perf_counter()
+
+        return Timer()
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -210,7 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {
         "model.base_model": str(args.model_dir), "train.backend": args.backend, "train.max_steps": args.steps,
         "train.micro_batch_size": args.micro_batch, "train.gradient_accumulation_steps": args.grad_accum,
-        "tokenize.sequence_len": args.seq, "train.logging_steps": 1, "train.eval_steps": 0,
+        "tokenize.sequence_len": args.seq, "train.logging_steps": getattr(args, "logging_steps", 1), "train.eval_steps": 0,
         "train.save_steps": 10**9, "train.use_cpu": not torch.cuda.is_available(),
     }
     import yaml
@@ -225,23 +265,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     rec = StepRecorder()
-    summary = train_adapter(cfg, work / "data", work / f"out-{args.backend}", tracker=rec)
+    timer = StepTimer(args.warmup, args.steps)
+    from qloraflow import train as T
+
+    build = T.build_trainer
+    T.build_trainer = lambda *a, **kw: build(*a[:-1], a[-1] + [timer.callback()], **kw)
+    try:
+        summary = train_adapter(cfg, work / "data", work / f"out-{args.backend}", tracker=rec)
+    finally:
+        T.build_trainer = build
 
     steps = rec.steps
-    warm = [s for s in steps if s["step"] > args.warmup]
     tokens_per_step = args.seq * args.micro_batch * args.grad_accum
     steady = None
-    if len(warm) >= 2:
-        steady = tokens_per_step * (warm[-1]["step"] - warm[0]["step"]) / (warm[-1]["t"] - warm[0]["t"])
+    if timer.t0 is not None and timer.t1 is not None:
+        steady = tokens_per_step * (args.steps - args.warmup) / (timer.t1 - timer.t0)
+    # The reference scripts report the median of individually synchronised steps; logging every step
+    # synchronises each step here too, so the median of the logged steps' intervals is the same statistic.
+    intervals = sorted((b["t"] - a["t"]) / (b["step"] - a["step"]) for a, b in zip(steps, steps[1:])
+                       if a["step"] >= args.warmup)
+    median_s = intervals[len(intervals) // 2] if intervals else None
     gpu = torch.cuda.is_available()
     result = {
         "backend": summary["backend"], "shape": args.shape, "seq": args.seq, "micro_batch": args.micro_batch,
         "grad_accum": args.grad_accum, "steps": summary["global_step"], "warmup_excluded": args.warmup,
         "attn": cfg.model.attn_implementation, "fp32_upcast": args.fp32_upcast, "set": getattr(args, "set", []),
-        "activation_offloading": args.activation_offloading,
+        "activation_offloading": args.activation_offloading, "off": sorted(getattr(args, "off", None) or []),
+        "logging_steps": cfg.train.logging_steps,
         "tokens_per_s": round(steady) if steady else None,
         "mfu": round(steady * flops_per_token(SHAPES[args.shape], args.seq) / PEAK_FLOPS, 3) if steady and gpu else None,
         "step_s": round(tokens_per_step / steady, 3) if steady else None,
+        "tokens_per_s_median": round(tokens_per_step / median_s) if median_s else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if gpu else None,
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
         "fits_24gb": (torch.cuda.max_memory_reserved() <= 24e9) if gpu else None,
@@ -250,6 +304,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if gpu else "cpu", "versions": versions(),
         "per_step": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()
                       if k in ("step", "loss", "grad_norm", "tokens_per_s", "gpu_peak_reserved_gib")} for s in steps],
+        # wall ms between consecutive logged steps (a GPU sync each when logging every step)
+        "step_ms": [round((b["t"] - a["t"]) * 1e3 / (b["step"] - a["step"]), 1) for a, b in zip(steps, steps[1:])],
     }
     return result
 
@@ -284,6 +340,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--activation-offloading", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override after the benchmark's own, e.g. lora.dropout=0")
+    ap.add_argument("--off", action="append", default=[], choices=sorted(OFF_SWITCHES),
+                    help="turn one of the project's speed measures off (for the on/off table)")
+    ap.add_argument("--logging-steps", type=int, default=1, help="1: every step's loss (a GPU sync a step)")
     ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.model_dir = args.model_dir or f"/tmp/rand-{args.shape}"

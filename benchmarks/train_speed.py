@@ -17,6 +17,11 @@ Llama-3-8B-shaped model (/tmp/rand-8b, written first by benchmarks/train.py):
              see benchmarks/train.py --attn varlen)
   *-1doc     the same with one example per row (plain causal attention, as the references' rows)
 
+A project system may carry changes after colons, for the table of each measure's contribution:
+``unsloth:off=host-token-count`` turns one of benchmarks/train.py's ``--off`` switches off,
+``hf:lora.dropout=0.05`` overrides one config key (after the run's ``--set``), ``hf:attn=varlen``
+picks the attention. Each such system is its own row.
+
 Only the checkout reaches a GPU machine, so the two reference scripts are read from copies in the
 git-ignored ``.gpu/`` folder (``--reference-dir``). The references time the median of 8 steps after 3
 warm-up steps; the project's systems time steps ``--warmup``+1 to ``--steps``. MFU counts 6N FLOPs a
@@ -64,12 +69,28 @@ def parse_config(text: str) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------- child process
 
+def parse_system(spec: str) -> tuple[str, Optional[str], bool, list[str], list[str]]:
+    """``name[:change...]`` -> (backend, attention, one example per row, --off switches, --set overrides)."""
+    name, *changes = spec.split(":")
+    backend, attn, one_doc = PROJECT[name]
+    off, sets = [], []
+    for change in changes:
+        key, _, value = change.partition("=")
+        if key == "off":
+            off.append(value)
+        elif key == "attn":
+            attn = value
+        else:
+            sets.append(change)
+    return backend, attn, one_doc, off, sets
+
+
 def run_project(system: str, configs: list[str], a: argparse.Namespace) -> list[dict]:
     """All configs of one project system in this process (Unsloth imported first when needed).
 
     The rows go to ``a.json`` after each config, so a run stopped by its time limit keeps the others.
     """
-    backend, attn, one_doc = PROJECT[system]
+    backend, attn, one_doc, off, sets = parse_system(system)
     if backend == "unsloth":
         sys.path.insert(0, str(ROOT))
         from qloraflow.unsloth_backend import import_unsloth
@@ -84,14 +105,14 @@ def run_project(system: str, configs: list[str], a: argparse.Namespace) -> list[
         ns = argparse.Namespace(backend=backend, config=str(bench.CONFIG), shape=a.shape, seq=seq, micro_batch=mb,
                                 grad_accum=1, steps=a.steps, warmup=a.warmup, model_dir=a.model_dir, work=a.work,
                                 json=None, attn=attn, fp32_upcast=False, activation_offloading=False,
-                                one_doc=one_doc, set=a.set)
+                                one_doc=one_doc, set=a.set + sets, off=off, logging_steps=a.logging_steps)
         try:
             bench.prepare(ns)
             r = bench.run(ns)
             rows.append({"system": system, "seq": seq, "mb": mb, "tokens_per_s": r["tokens_per_s"], "mfu": r["mfu"],
-                         "step_s": r["step_s"], "peak_reserved_gib": r["peak_reserved_gib"],
+                         "step_s": r["step_s"], "tokens_per_s_median": r["tokens_per_s_median"], "peak_reserved_gib": r["peak_reserved_gib"],
                          "peak_allocated_gib": r["peak_allocated_gib"], "loss_first": r["loss_first"],
-                         "loss_last": r["loss_last"], "attn": r["attn"]})
+                         "loss_last": r["loss_last"], "attn": r["attn"], "step_ms": r["step_ms"]})
         except torch.cuda.OutOfMemoryError:
             rows.append({"system": system, "seq": seq, "mb": mb, "oom": True})
         except Exception as e:  # noqa: BLE001 - one failing config must not lose the others
@@ -112,7 +133,8 @@ def run_reference(system: str, configs: list[str], reference_dir: Path, timeout_
         if line.startswith("RESULT "):
             r = json.loads(line[len("RESULT "):])
             rows.append({"system": system, "seq": r["seq"], "mb": r["mb"], "oom": bool(r.get("oom")),
-                         "tokens_per_s": r.get("tok_per_s"), "step_s": r.get("step_s"),
+                         "tokens_per_s": r.get("tok_per_s"), "tokens_per_s_median": r.get("tok_per_s"),
+                         "step_s": r.get("step_s"),
                          "peak_reserved_gib": r.get("peak_reserved_gib"), "peak_allocated_gib": r.get("peak_gib")})
         elif line.startswith("OOM "):
             seq, mb = parse_config(line.split()[1])
@@ -133,26 +155,33 @@ def add_mfu(rows: list[dict]) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per (config, system): tokens/s, MFU, peak reserved, ratios to baseline and peer."""
+    """One line per (config, system): tokens/s, MFU, peak reserved, ratios to baseline and peer.
+
+    ``tokens/s`` is the project's window (all steps after the warm-up, synchronised at both ends);
+    ``median`` is the median step, the statistic the reference scripts print (for them both columns
+    hold their median). ``x peer`` and ``x baseline`` compare medians.
+    """
     by = {(r["system"], r["seq"], r["mb"]): r for r in rows}
-    lines = [f"{'config':>8} {'system':>12} {'tokens/s':>9} {'MFU':>6} {'reserved':>9} {'<=24GB':>6} "
-             f"{'x baseline':>10} {'x peer':>7}"]
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    width = max([12] + [len(r["system"]) for r in rows])
+    lines = [f"{'config':>8} {'system':>{width}} {'tokens/s':>9} {'median':>7} {'MFU':>6} {'reserved':>9} "
+             f"{'<=24GB':>6} {'x baseline':>10} {'x peer':>7}"]
     for seq, mb in sorted({(r["seq"], r["mb"]) for r in rows}):
-        base = by.get(("baseline", seq, mb), {}).get("tokens_per_s")
-        peer = by.get(("peer", seq, mb), {}).get("tokens_per_s")
-        for system in ("baseline", "peer", *PROJECT):
+        base = by.get(("baseline", seq, mb), {}).get("tokens_per_s_median")
+        peer = by.get(("peer", seq, mb), {}).get("tokens_per_s_median")
+        for system in systems:
             r = by.get((system, seq, mb))
             if r is None:
                 continue
             if r.get("oom") or not r.get("tokens_per_s"):
-                lines.append(f"{seq:>5}x{mb:<2} {system:>12} {'OOM' if r.get('oom') else 'failed':>9} "
+                lines.append(f"{seq:>5}x{mb:<2} {system:>{width}} {'OOM' if r.get('oom') else 'failed':>9} "
                              f"{str(r.get('failed', ''))[:80]}")
                 continue
-            tps, res = r["tokens_per_s"], r.get("peak_reserved_gib")
+            tps, med, res = r["tokens_per_s"], r.get("tokens_per_s_median") or r["tokens_per_s"], r.get("peak_reserved_gib")
             fits = "yes" if res is not None and res * 2**30 <= 24e9 else "no"
-            lines.append(f"{seq:>5}x{mb:<2} {system:>12} {tps:>9,.0f} {r.get('mfu') or 0:>6.1%} {res or 0:>6.1f} GiB "
-                         f"{fits:>6} {tps / base if base else float('nan'):>10.2f} "
-                         f"{tps / peer if peer else float('nan'):>7.2f}")
+            lines.append(f"{seq:>5}x{mb:<2} {system:>{width}} {tps:>9,.0f} {med:>7,.0f} {r.get('mfu') or 0:>6.1%} "
+                         f"{res or 0:>6.1f} GiB {fits:>6} {med / base if base else float('nan'):>10.2f} "
+                         f"{med / peer if peer else float('nan'):>7.2f}")
     return "\n".join(lines)
 
 
@@ -171,6 +200,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--model-dir", default=MODEL_DIR)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the project's systems, e.g. lora.dropout=0 (the peer's LoRA)")
+    ap.add_argument("--logging-steps", type=int, default=1, help="the project's systems log (and sync) every N steps")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     configs = a.configs.split(",")
@@ -193,11 +223,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             if system in REFERENCES:
                 got = run_reference(system, configs, Path(a.reference_dir), a.timeout)
             else:
-                out = Path(a.work) / f"rows-{system}.json"
+                out = Path(a.work) / f"rows-{len(rows)}.json"
                 out.unlink(missing_ok=True)
                 subprocess.run([sys.executable, os.path.abspath(__file__), "--child", system, "--configs", a.configs,
                                 "--steps", str(a.steps), "--warmup", str(a.warmup), "--work", a.work,
                                 "--shape", a.shape, "--model-dir", a.model_dir, "--json", str(out),
+                                "--logging-steps", str(a.logging_steps),
                                 *[f"--set={kv}" for kv in a.set]], timeout=a.timeout)
                 got = json.loads(out.read_text()) if out.exists() else []
         except subprocess.TimeoutExpired:
