@@ -28,7 +28,7 @@ Experiments (not the project's configuration; ``hf`` only):
   --attn sdpa|flex_attention|varlen   varlen: PyTorch's flash varlen kernel over the packed documents
   --fp32-upcast                       the old peft prepare_model_for_kbit_training upcast of norms,
                                       embeddings and lm_head to fp32
-  --activation-offloading             TRL's offloading of checkpointed activations to the CPU
+  --activation-offloading             train.activation_offloading: TRL's offloading of checkpointed activations
   --set KEY=VALUE                     any config override, e.g. lora.dropout=0 (the peer recipe's)
   --off host-token-count              the Trainer's own token count (a GPU sum and sync a micro-step)
   --off host-boundaries               example boundaries read off position_ids on the GPU, not the collator's
@@ -189,14 +189,7 @@ def apply_experiments(args: argparse.Namespace, cfg: Any) -> None:
         cfg.model.attn_implementation = args.attn  # set after validation: flex is not a config choice
     cfg.model.upcast_unquantized_fp32 = args.fp32_upcast  # peft's prepare_model_for_kbit_training
     if args.activation_offloading:
-        build_args = T.training_arguments
-
-        def offloading(*a: Any, **kw: Any) -> Any:
-            targs = build_args(*a, **kw)
-            targs.activation_offloading = True
-            return targs
-
-        T.training_arguments = offloading
+        cfg.train.activation_offloading = True  # train.activation_offloading, set after validation as above
     off = set(getattr(args, "off", None) or [])
     if "host-token-count" in off:  # the Trainer's own count: a GPU sum and .item() each micro-step
         T.with_host_token_count = lambda cls: cls

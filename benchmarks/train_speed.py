@@ -20,7 +20,13 @@ Llama-3-8B-shaped model (/tmp/rand-8b, written first by benchmarks/train.py):
 A project system may carry changes after colons, for the table of each measure's contribution:
 ``unsloth:off=host-token-count`` turns one of benchmarks/train.py's ``--off`` switches off,
 ``hf:lora.dropout=0.05`` overrides one config key (after the run's ``--set``), ``hf:attn=varlen``
-picks the attention. Each such system is its own row.
+picks the attention. Each such system is its own row. The table of each measure's contribution
+at 2048 x 2, in two runs that each fit the GPU machines' 10-minute command limit:
+
+    python benchmarks/train_speed.py --configs 2048x2 --systems baseline,hf,hf:attn=varlen,\
+        hf:train.liger_kernel=true,hf:train.activation_offloading=true,hf:lora.dropout=0
+    python benchmarks/train_speed.py --configs 2048x2 --set lora.dropout=0 --systems peer,unsloth,\
+        unsloth:off=unsloth-flash-varlen,unsloth:off=host-token-count,unsloth:off=host-boundaries
 
 Only the checkout reaches a GPU machine, so the two reference scripts are read from copies in the
 git-ignored ``.gpu/`` folder (``--reference-dir``). The references time the median of 8 steps after 3

@@ -139,6 +139,9 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward (non-reentrant).")
     liger_kernel: bool = _f(False, "hf backend on CUDA: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused "
                                    "linear cross-entropy that never materialises the logits).")
+    activation_offloading: bool = _f(False, "hf backend on CUDA: TRL's offloading of the checkpointed activations "
+                                            "to pinned CPU memory during the forward, back for the backward (less GPU "
+                                            "memory at long sequences; Unsloth's backend always offloads).")
     logging_steps: int = _f(10, "Log metrics every N steps.")
     eval_steps: int = _f(100, "Evaluate on the validation split every N steps (0: never).")
     save_steps: int = _f(100, "Write a checkpoint every N steps.")
@@ -383,6 +386,12 @@ def validate(cfg: FinetuneConfig) -> list[str]:
     if t.liger_kernel and t.backend == "unsloth":
         p.append("'train.liger_kernel' is for the hf backend (Unsloth brings its own kernels); "
                  "set 'train.backend' to hf or 'train.liger_kernel' to false")
+    if t.activation_offloading and t.use_cpu:
+        p.append("'train.activation_offloading' needs a CUDA GPU (it moves activations to the CPU and back); "
+                 "set it to false with 'train.use_cpu'")
+    if t.activation_offloading and t.backend == "unsloth":
+        p.append("'train.activation_offloading' is for the hf backend (Unsloth offloads its checkpointed "
+                 "activations itself); set 'train.backend' to hf or 'train.activation_offloading' to false")
     if cfg.model.attn_implementation == "varlen" and t.use_cpu:
         p.append("'model.attn_implementation' varlen needs a CUDA GPU (flash attention); use sdpa with "
                  "'train.use_cpu'")

@@ -218,7 +218,7 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, has_eval: bool) ->
         **_length_grouping(SFTConfig, not cfg.tokenize.packing),
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, packing=False,
         report_to="none", dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
-        use_liger_kernel=cfg.train.liger_kernel,
+        use_liger_kernel=cfg.train.liger_kernel, activation_offloading=cfg.train.activation_offloading,
         **_distributed_arguments(cfg),
     )
 

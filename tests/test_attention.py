@@ -56,17 +56,27 @@ def test_packed_row_logits_equal_each_example_alone():
     assert not torch.allclose(as_one[later].float(), alone[later].float(), rtol=2e-2, atol=2e-2)
 
 
-def test_varlen_and_liger_need_a_gpu_and_the_hf_backend(tiny_model_dir):
+def test_speed_switches_need_a_gpu_and_the_hf_backend_and_reach_the_trainer(tiny_model_dir, tmp_path):
+    from qloraflow import train as T
     from qloraflow.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
         tiny_config(tiny_model_dir, **{"model.attn_implementation": "varlen", "train.liger_kernel": True,
-                                       "train.use_cpu": True})
+                                       "train.activation_offloading": True, "train.use_cpu": True})
     text = str(e.value)
     assert "'model.attn_implementation' varlen needs a CUDA GPU" in text
     assert "'train.liger_kernel' needs a CUDA GPU" in text
-    with pytest.raises(ConfigError, match="'train.liger_kernel' is for the hf backend"):
-        tiny_config(tiny_model_dir, **{"train.liger_kernel": True, "train.backend": "unsloth", "train.use_cpu": False})
+    assert "'train.activation_offloading' needs a CUDA GPU" in text
+    with pytest.raises(ConfigError) as e:
+        tiny_config(tiny_model_dir, **{"train.liger_kernel": True, "train.activation_offloading": True,
+                                       "train.backend": "unsloth", "train.use_cpu": False})
+    assert "'train.liger_kernel' is for the hf backend" in str(e.value)
+    assert "'train.activation_offloading' is for the hf backend" in str(e.value)
+    cfg = tiny_config(tiny_model_dir, **{"train.liger_kernel": True, "train.activation_offloading": True,
+                                         "train.use_cpu": False})
+    args = T.training_arguments(cfg, tmp_path, has_eval=False)
+    assert args.use_liger_kernel and args.activation_offloading
+    assert not T.training_arguments(tiny_config(tiny_model_dir), tmp_path, has_eval=False).activation_offloading
 
 
 def test_boundaries_from_the_batch_reach_the_attention_through_the_model():
