@@ -29,7 +29,8 @@ def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *
     return out
 
 
-def test_packed_row_logits_equal_each_example_alone():
+def twin_models():
+    """(sdpa model, varlen model) of one tiny GQA Llama with the same weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qloraflow.attention import register_varlen_attention
@@ -43,6 +44,11 @@ def test_packed_row_logits_equal_each_example_alone():
     varlen = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation=name, dtype=torch.bfloat16).eval()
     assert plain.config._attn_implementation == "sdpa"
     varlen.load_state_dict(plain.state_dict())
+    return plain, varlen
+
+
+def test_packed_row_logits_equal_each_example_alone():
+    plain, varlen = twin_models()
     g = torch.Generator().manual_seed(0)
     examples = [torch.randint(3, 300, (n,), generator=g) for n in (7, 19, 12)]
     packed = torch.cat(examples)[None]
@@ -83,20 +89,9 @@ def test_boundaries_from_the_batch_reach_the_attention_through_the_model():
     """The collator's ``cu_seq_lens_q`` / ``max_length_q`` flow through transformers' model to the varlen
     attention and are used as given (no sync to read them off ``position_ids`` on the GPU): with
     positions that never restart, the examples stay apart only if the batch's boundaries are used."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from qloraflow.attention import register_varlen_attention
     from qloraflow.train import Collator
 
-    name = register_varlen_attention(reference_varlen_attn)
-    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    # each model its own config: _from_config records the attention implementation on the config it is given
-    plain = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=torch.bfloat16).eval()
-    varlen = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation=name, dtype=torch.bfloat16).eval()
-    assert plain.config._attn_implementation == "sdpa"
-    varlen.load_state_dict(plain.state_dict())
+    plain, varlen = twin_models()
     g = torch.Generator().manual_seed(1)
     examples = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 14)]
     rows = [{"input_ids": e, "labels": e, "position_ids": list(range(len(e)))} for e in examples]
