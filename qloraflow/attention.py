@@ -13,51 +13,41 @@ The same kernel serves the ``unsloth`` backend's packed rows (``qloraflow.unslot
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Optional
+
+import torch
 
 NAME = "qloraflow_varlen"
 
 
-class _FlashVarlen:
-    """ATen's flash-attention kernels over packed examples, as an autograd function (built on first use).
+class _FlashVarlen(torch.autograd.Function):
+    """ATen's flash-attention kernels over packed examples.
 
     The kernels take grouped-query attention natively (fewer key/value heads than query heads), so
     keys and values are never repeated per query head.
     """
 
-    function: Any = None
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window):  # noqa: ANN001
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale, **window)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng, unused)
+        ctx.args = (max_q, max_k, scale, causal, window)
+        return out
 
-    @classmethod
-    def get(cls) -> Any:
-        if cls.function is None:
-            import torch
-
-            class FlashVarlen(torch.autograd.Function):
-                @staticmethod
-                def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window):  # noqa: ANN001
-                    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-                        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale, **window)
-                    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng, unused)
-                    ctx.args = (max_q, max_k, scale, causal, window)
-                    return out
-
-                @staticmethod
-                def backward(ctx, grad):  # noqa: ANN001
-                    q, k, v, out, lse, cu_q, cu_k, rng, unused = ctx.saved_tensors
-                    max_q, max_k, scale, causal, window = ctx.args
-                    dq, dk, dv = torch.ops.aten._flash_attention_backward(
-                        grad.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused,
-                        scale=scale, **window)
-                    return dq, dk, dv, None, None, None, None, None, None, None
-
-            cls.function = FlashVarlen
-        return cls.function
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        q, k, v, out, lse, cu_q, cu_k, rng, unused = ctx.saved_tensors
+        max_q, max_k, scale, causal, window = ctx.args
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused,
+            scale=scale, **window)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def flash_varlen_attn(query: Any, key: Any, value: Any, cu_seq_q: Any, cu_seq_k: Any, max_q: int, max_k: int, *,
-                      scale: Optional[float] = None, window_size: tuple[int, int] = (-1, -1),
-                      enable_gqa: bool = False) -> Any:
+def flash_varlen_attn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
+                      cu_seq_k: torch.Tensor, max_q: int, max_k: int, *, scale: Optional[float] = None,
+                      window_size: tuple[int, int] = (-1, -1), enable_gqa: bool = False) -> torch.Tensor:
     """``torch.nn.attention.varlen.varlen_attn`` (the torch 2.12+ signature) on ATen's flash kernels.
 
     torch 2.11's ``varlen_attn`` takes no grouped-query attention; the kernels underneath do. Tensors
@@ -67,13 +57,11 @@ def flash_varlen_attn(query: Any, key: Any, value: Any, cu_seq_q: Any, cu_seq_k:
     causal = tuple(window_size) == (-1, 0)
     window = {} if causal or tuple(window_size) == (-1, -1) else {
         "window_size_left": window_size[0], "window_size_right": window_size[1]}
-    return _FlashVarlen.get().apply(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, causal, window)
+    return _FlashVarlen.apply(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, causal, window)
 
 
-def boundaries(position_ids: Any) -> tuple[Any, int]:
+def boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(cumulative example lengths as int32, longest example) of a packed row, read off its positions."""
-    import torch
-
     flat = position_ids.reshape(-1)
     starts = torch.nonzero(flat == 0).flatten()
     cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
@@ -81,16 +69,14 @@ def boundaries(position_ids: Any) -> tuple[Any, int]:
 
 
 def varlen_attention(kernel: Optional[Callable[..., Any]] = None) -> Callable[..., Any]:
-    """A transformers attention function calling ``kernel`` (default: ``flash_varlen_attn``).
+    """A transformers attention function calling ``kernel`` (default: ``flash_varlen_attn``), which has
+    ``varlen_attn``'s signature.
 
     The examples' boundaries come from the batch when the collator put them there
     (``cu_seq_lens_q`` / ``max_length_q``, computed on the host: no GPU sync per layer), else from
     ``position_ids``.
     """
-    import torch
-
     kernel = kernel or flash_varlen_attn
-    params = inspect.signature(kernel).parameters
 
     def forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
                 scaling: Optional[float] = None, dropout: float = 0.0, position_ids: Optional[torch.Tensor] = None,
@@ -105,16 +91,8 @@ def varlen_attention(kernel: Optional[Callable[..., Any]] = None) -> Callable[..
             cu, max_len = boundaries(position_ids)
         dtype = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         q, k, v = (x.transpose(1, 2).reshape(b * n, x.shape[1], d).to(dtype) for x in (query, key, value))
-        # causal: torch 2.11's varlen_attn spells it is_causal=True, later ones window_size=(-1, 0)
-        extra: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-        if key.shape[1] != h:  # grouped-query attention
-            if "enable_gqa" in params:
-                extra["enable_gqa"] = True
-            else:
-                k, v = k.repeat_interleave(h // key.shape[1], dim=1), v.repeat_interleave(h // key.shape[1], dim=1)
-        if scaling is not None and "scale" in params:
-            extra["scale"] = scaling
-        out = kernel(q, k, v, cu, cu, max_len, max_len, **extra)
+        out = kernel(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0),  # causal
+                     enable_gqa=key.shape[1] != h)
         return out.reshape(b, n, h, d).to(query.dtype), None
 
     return forward

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from qloraflow import checkpoint as ckpt
-from qloraflow.attention import attention_implementation
+from qloraflow.attention import attention_implementation, boundaries
 from qloraflow.config import FinetuneConfig
 from qloraflow.tokenize import IGNORE_INDEX
 from qloraflow.tracking import NullTracker, Tracker
@@ -185,12 +185,9 @@ class Collator:
         return {k: torch.tensor(v, dtype=torch.long) for k, v in padded.items()}
 
     def example_boundaries(self, positions: torch.Tensor) -> dict[str, Any]:
-        starts = torch.nonzero(positions == 0).flatten()
-        cu = torch.cat([starts, torch.tensor([positions.numel()])]).to(torch.int32)
-        lengths = cu[1:] - cu[:-1]
+        cu, longest = boundaries(positions)
         if self.boundaries == "unsloth":
-            return {"packed_seq_lengths": lengths}
-        longest = int(lengths.max())
+            return {"packed_seq_lengths": cu[1:] - cu[:-1]}
         return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
