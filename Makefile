@@ -56,7 +56,7 @@ test-fast: setup-train
 
 bench: setup-train
 	$(PY) benchmarks/dedupe.py 10000 100000 1000000
-	$(PY) benchmarks/tokenize.py --records 100000
+	$(PY) benchmarks/tokenize_speed.py --records 100000
 
 # Refresh the lock files: the CPU and serving ones from what their venvs resolved, the CUDA training
 # one by resolving requirements/train-cuda.in for the train image's platform (uv, from PyPI).

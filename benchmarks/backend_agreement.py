@@ -14,33 +14,22 @@ lines. Prints every step's two losses and their relative difference; exits 1 whe
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import subprocess
 import sys
+from pathlib import Path
+from typing import Optional
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]  # see benchmarks/train.py
+import train as bench  # benchmarks/train.py (a script's own folder is first on sys.path)
 
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Optional  # noqa: E402
-
-ROOT = Path(_HERE).parent
-
-
-def load_bench() -> Any:
-    spec = importlib.util.spec_from_file_location("qf_bench_train", Path(_HERE) / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+ROOT = bench.ROOT
 
 
 def bench_args(a: argparse.Namespace, backend: str) -> argparse.Namespace:
-    sets = [f"lora.dropout=0", f"train.learning_rate={a.lr}", "train.warmup_ratio=0",
+    sets = ["lora.dropout=0", f"train.learning_rate={a.lr}", "train.warmup_ratio=0",
             f"lora.init_adapter={Path(a.work) / 'init-adapter'}"]
-    return argparse.Namespace(backend=backend, config=str(load_bench().CONFIG), shape=a.shape, seq=a.seq,
+    return argparse.Namespace(backend=backend, config=str(bench.CONFIG), shape=a.shape, seq=a.seq,
                               micro_batch=a.micro_batch, grad_accum=1, steps=a.steps, warmup=1,
                               model_dir=a.model_dir, work=a.work, json=None, attn=None, fp32_upcast=False,
                               activation_offloading=False, one_doc=True, set=sets)
@@ -48,11 +37,9 @@ def bench_args(a: argparse.Namespace, backend: str) -> argparse.Namespace:
 
 def child(a: argparse.Namespace) -> None:
     if a.child == "unsloth":
-        sys.path.insert(0, str(ROOT))
         from qloraflow.unsloth_backend import import_unsloth
 
         import_unsloth()
-    bench = load_bench()
     ns = bench_args(a, "hf" if a.child == "init" else a.child)
     if a.child == "init":
         import torch

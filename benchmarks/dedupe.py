@@ -17,20 +17,14 @@ records are generated first). A table goes to stdout, then one JSON line with ev
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import resource
+import subprocess
 import sys
-
-# benchmarks/tokenize.py would shadow the standard library's `tokenize` (imported by logging, linecache):
-# drop this script's folder from sys.path before anything imports it.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import time
+from pathlib import Path
 
 NUM_PERM = 128
 THRESHOLD = 0.8

@@ -21,37 +21,26 @@ each to peer-padded.
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
+import random
+import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Optional
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]  # see benchmarks/train.py
+import train as bench  # benchmarks/train.py (a script's own folder is first on sys.path)
 
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import random  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Optional  # noqa: E402
-
-ROOT = Path(_HERE).parent
+ROOT = bench.ROOT
 SYSTEMS = ("peer-padded", "project-padded", "project-packed")
-
-
-def load_bench() -> Any:
-    spec = importlib.util.spec_from_file_location("qf_bench_train", Path(_HERE) / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def alpaca_like_examples(n: int, vocab: int, seed: int, median: int = 250, sigma: float = 1.0,
                          lo: int = 32, hi: int = 4096) -> list[dict]:
     """Tokenized examples whose lengths follow a log-normal with the given median, a long right tail."""
-    bench = load_bench()
     rng = random.Random(seed)
     first = max(4, vocab - bench.SUB_VOCAB - 8)
     out = []
@@ -113,7 +102,6 @@ def run_peer(examples: list[dict], a: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------------------------ project
 
 def run_project(system: str, examples: list[dict], a: argparse.Namespace) -> dict:
-    sys.path.insert(0, str(ROOT))
     from qloraflow.unsloth_backend import import_unsloth
 
     import_unsloth()
@@ -125,7 +113,6 @@ def run_project(system: str, examples: list[dict], a: argparse.Namespace) -> dic
     from qloraflow.tokenize import pack_rows
     from qloraflow.train import train_adapter
 
-    bench = load_bench()
     packed = system == "project-packed"
     data = Path(a.work) / f"data-{system}"
     if packed:
@@ -183,9 +170,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
 
     work.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, str(Path(_HERE) / "train.py"), "--prepare-only", "--seq", "128", "--steps", "1",
+    subprocess.run([sys.executable, bench.__file__, "--prepare-only", "--seq", "128", "--steps", "1",
                     "--micro-batch", "1", "--model-dir", a.model_dir, "--work", str(work / "prep")], check=True)
-    examples = alpaca_like_examples(a.examples, load_bench().SHAPES["8b"]["vocab_size"], seed=0)
+    examples = alpaca_like_examples(a.examples, bench.SHAPES["8b"]["vocab_size"], seed=0)
     examples_file.write_text(json.dumps(examples))
     lengths = sorted(len(e["input_ids"]) for e in examples)
     print(f"{len(examples)} examples: median {lengths[len(lengths) // 2]} tokens, p90 {lengths[int(0.9 * len(lengths))]}, "

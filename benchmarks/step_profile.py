@@ -19,30 +19,19 @@ GPU work one does that the other does not; the idle time shows what the loop aro
 
 from __future__ import annotations
 
+import argparse
+import collections
+import json
 import os
+import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]  # see benchmarks/train.py
-sys.path.insert(0, os.path.dirname(_HERE))
+import train as bench  # benchmarks/train.py (a script's own folder is first on sys.path)
 
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Optional  # noqa: E402
-
-ROOT = Path(_HERE).parent
-
-
-def load_bench() -> Any:
-    spec = importlib.util.spec_from_file_location("qf_bench_train", Path(_HERE) / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+ROOT = bench.ROOT
 
 
 class Window:
@@ -84,7 +73,6 @@ def profile_project(a: argparse.Namespace, trace: Path) -> float:
 
     from qloraflow import train as T
 
-    bench = load_bench()
     window = Window(a.warmup + 1, a.profile_steps, trace)
 
     class Profile(TrainerCallback):
@@ -215,7 +203,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         (work / f"wall-{a.system}.json").write_text(json.dumps({"wall": wall}))
         return
 
-    subprocess.run([sys.executable, str(Path(_HERE) / "train.py"), "--prepare-only", "--seq", "128", "--steps", "1",
+    subprocess.run([sys.executable, bench.__file__, "--prepare-only", "--seq", "128", "--steps", "1",
                     "--micro-batch", "1", "--model-dir", a.model_dir, "--work", str(work)], check=True)
     results = {}
     for system in a.systems.split(","):

@@ -38,25 +38,24 @@ Experiments (not the project's configuration; ``hf`` only):
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import random
+import shutil
+import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
 
-# benchmarks/tokenize.py would shadow the standard library's `tokenize` (imported by inspect and
-# linecache) when this folder is first on sys.path: drop it before anything imports `tokenize`.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+# The other benchmark scripts import this file as `train` (their folder is first on sys.path). The
+# repository root goes on sys.path too, so that qloraflow imports on a GPU machine without installing it.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Optional  # noqa: E402
-
-CONFIG = Path(_HERE).parent / "configs" / "llama3-8b-qlora-a10g.yaml"
+CONFIG = ROOT / "configs" / "llama3-8b-qlora-a10g.yaml"
 SHAPES = {
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0),

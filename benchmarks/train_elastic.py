@@ -18,31 +18,17 @@ the scaling efficiency, tokens/s per GPU on N GPUs over tokens/s on one (1.0 is 
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shutil
+import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
 
-# torchrun runs this file as a script: benchmarks/tokenize.py would shadow the standard library's
-# `tokenize` while this folder is first on sys.path (see benchmarks/train.py).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
-
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Optional  # noqa: E402
-
-
-def bench_train() -> Any:
-    """benchmarks/train.py as a module: the 8B shape, the synthetic rows, the step recorder."""
-    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(_HERE, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import train as bench  # benchmarks/train.py (a script's own folder is first on sys.path)
 
 
 def prepare(args: argparse.Namespace) -> None:
@@ -50,12 +36,11 @@ def prepare(args: argparse.Namespace) -> None:
     import datasets
     from transformers import AutoTokenizer
 
-    b = bench_train()
     model_dir, data_dir = Path(args.model_dir), Path(args.work) / "data"
     if not (model_dir / "config.json").exists() or not (model_dir / "tokenizer.json").exists():
-        b.make_model(args.shape, model_dir)
+        bench.make_model(args.shape, model_dir)
     n_rows = args.steps * args.micro_batch * args.grad_accum * args.gpus
-    rows = b.synthetic_rows(n_rows, args.seq, b.SHAPES[args.shape]["vocab_size"], seed=0)
+    rows = bench.synthetic_rows(n_rows, args.seq, bench.SHAPES[args.shape]["vocab_size"], seed=0)
     shutil.rmtree(data_dir, ignore_errors=True)
     datasets.Dataset.from_list(rows).save_to_disk(str(data_dir / "train"))
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(data_dir / "tokenizer")
@@ -71,7 +56,6 @@ def worker(args: argparse.Namespace) -> None:
     from qloraflow.config import load_config
     from qloraflow.train import train_adapter, world_size
 
-    b = bench_train()
     world = world_size()
     overrides = {
         "model.base_model": str(args.model_dir), "train.backend": "hf", "train.max_steps": args.steps,
@@ -83,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.distributed == "fsdp":  # what FSDP-QLoRA needs; the 1-GPU run uses the same, for a fair ratio
         overrides.update({"model.upcast_unquantized_fp32": False, "train.optimizer": "adamw_torch"})
     cfg = load_config(args.config, overrides)
-    rec = b.StepRecorder()
+    rec = bench.StepRecorder()
     out = Path(args.work) / f"out-{world}"
     summary = train_adapter(cfg, Path(args.work) / "data", out, tracker=rec)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -101,14 +85,14 @@ def worker(args: argparse.Namespace) -> None:
         "steps": summary["global_step"], "tokens_per_step": tokens_per_step,
         "tokens_per_s": round(steady) if steady else None,
         "tokens_per_s_per_gpu": round(per_gpu) if per_gpu else None,
-        "mfu_per_gpu": round(per_gpu * b.flops_per_token(b.SHAPES[args.shape], args.seq) / b.PEAK_FLOPS, 3)
+        "mfu_per_gpu": round(per_gpu * bench.flops_per_token(bench.SHAPES[args.shape], args.seq) / bench.PEAK_FLOPS, 3)
         if per_gpu and gpu else None,
         "peak_reserved_gib_rank0": round(torch.cuda.max_memory_reserved() / 2**30, 2) if gpu else None,
         "loss_first": rec.steps[0]["loss"] if rec.steps else None,
         "loss_last": rec.steps[-1]["loss"] if rec.steps else None,
         "replicas_agree": len(set(summary["adapter_sha256_by_rank"])) == 1 if world > 1 and args.distributed == "ddp"
         else None,
-        "gpu": torch.cuda.get_device_name(0) if gpu else "cpu", "versions": b.versions(),
+        "gpu": torch.cuda.get_device_name(0) if gpu else "cpu", "versions": bench.versions(),
     }
     Path(args.result).write_text(json.dumps(result, indent=1))
 
@@ -147,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpus", type=int, default=None, help="N for the multi-GPU run; default: every visible GPU")
     ap.add_argument("--distributed", choices=("ddp", "fsdp"), default="ddp")
-    ap.add_argument("--config", default=str(Path(_HERE).parent / "configs" / "llama3-8b-qlora-a10g.yaml"))
+    ap.add_argument("--config", default=str(bench.CONFIG))
     ap.add_argument("--shape", choices=("8b", "tiny"), default="8b")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--micro-batch", type=int, default=2)

@@ -38,34 +38,23 @@ with ``--systems`` and print the joint table with ``--merge``.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Optional
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]  # see benchmarks/train.py
+import train as bench  # benchmarks/train.py (a script's own folder is first on sys.path)
 
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Optional  # noqa: E402
-
-ROOT = Path(_HERE).parent
+ROOT = bench.ROOT
 # system -> (backend, attention experiment, one example per row)
 PROJECT = {"hf": ("hf", None, False), "unsloth": ("unsloth", None, False), "hf-varlen": ("hf", "varlen", False),
            "unsloth-1doc": ("unsloth", None, True), "hf-1doc": ("hf", None, True)}
 REFERENCES = {"baseline": "hf_qlora_baseline.py", "peer": "unsloth_peer.py"}
 MODEL_DIR = "/tmp/rand-8b"  # where the reference scripts read the model
-
-
-def load_bench() -> Any:
-    """benchmarks/train.py as a module (the folder is no package, and its tokenize.py shadows stdlib)."""
-    spec = importlib.util.spec_from_file_location("qf_bench_train", Path(_HERE) / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_config(text: str) -> tuple[int, int]:
@@ -98,13 +87,11 @@ def run_project(system: str, configs: list[str], a: argparse.Namespace) -> list[
     """
     backend, attn, one_doc, off, sets = parse_system(system)
     if backend == "unsloth":
-        sys.path.insert(0, str(ROOT))
         from qloraflow.unsloth_backend import import_unsloth
 
         import_unsloth()
     import torch
 
-    bench = load_bench()
     rows = []
     for text in configs:
         seq, mb = parse_config(text)
@@ -154,7 +141,6 @@ def run_reference(system: str, configs: list[str], reference_dir: Path, timeout_
 
 def add_mfu(rows: list[dict]) -> None:
     """The references' MFU by the same formula as the project's rows (the peer prints none)."""
-    bench = load_bench()
     for r in rows:
         if r.get("tokens_per_s") and r.get("mfu") is None and r["system"] in REFERENCES:
             r["mfu"] = round(r["tokens_per_s"] * bench.flops_per_token(bench.SHAPES["8b"], r["seq"]) / bench.PEAK_FLOPS, 3)
@@ -220,7 +206,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
 
     # The random model (and a tokenizer for Unsloth) once, in its own process.
-    subprocess.run([sys.executable, str(Path(_HERE) / "train.py"), "--prepare-only", "--seq", "128", "--steps", "1",
+    subprocess.run([sys.executable, bench.__file__, "--prepare-only", "--seq", "128", "--steps", "1",
                     "--micro-batch", "1", "--shape", a.shape, "--model-dir", a.model_dir, "--work", a.work], check=True)
     rows: list[dict] = []
     for system in a.systems.split(","):

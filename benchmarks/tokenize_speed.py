@@ -1,6 +1,6 @@
 """Tokenize-stage throughput against the raw fast tokenizer on the same text.
 
-    python benchmarks/tokenize.py [--records 100000] [--num-proc 2]
+    python benchmarks/tokenize_speed.py [--records 100000] [--num-proc 2]
 
 Generates alpaca-like chat records (seeded), runs the stage's record encoder (chat template rendering,
 per-turn label masking, one batched tokenizer call per chunk) over them, and in the same run calls the
@@ -11,21 +11,15 @@ reach at least 0.8 of the raw rate). Caching of the stage is Flyte's (tests/test
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import random
 import sys
-
-# This file is named after the stage, which shadows the standard library's `tokenize` when run as a
-# script (its folder comes first on sys.path): drop that folder before anything imports `tokenize`.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
