@@ -32,8 +32,11 @@ Only the checkout reaches a GPU machine, so the two reference scripts are read f
 git-ignored ``.gpu/`` folder (``--reference-dir``). The references time the median of 8 steps after 3
 warm-up steps; the project's systems time steps ``--warmup``+1 to ``--steps``. MFU counts 6N FLOPs a
 token plus causal attention over the full row (the baseline's formula) against 790 TFLOP/s.
-One run of everything takes longer than the GPU machines' 10-minute command limit: run subsets
-with ``--systems`` and print the joint table with ``--merge``.
+One run of everything takes longer than the GPU machines' 10-minute command limit on one GPU.
+``--gpus N`` spreads the configs over N GPUs of the machine (the costliest first, each to the GPU
+with the least work so far); each config's systems still run one after another on one GPU, so every
+ratio compares numbers from the same GPU. Or run subsets with ``--systems`` and print the joint
+table with ``--merge``.
 """
 
 from __future__ import annotations
@@ -177,6 +180,45 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def split_configs(configs: list[str], gpus: int) -> list[list[str]]:
+    """Configs per GPU: costliest (tokens a step) first, each to the GPU with the fewest tokens so far."""
+    groups: list[list[str]] = [[] for _ in range(gpus)]
+    load = [0] * gpus
+    for text in sorted(configs, key=lambda c: -(parse_config(c)[0] * parse_config(c)[1])):
+        i = load.index(min(load))
+        groups[i].append(text)
+        load[i] += parse_config(text)[0] * parse_config(text)[1]
+    return [g for g in groups if g]
+
+
+def run_on_gpus(a: argparse.Namespace, configs: list[str]) -> list[dict]:
+    """This script once per GPU over its share of the configs, all at the same time; their rows."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(a.gpus)]
+    if len(devices) < a.gpus:
+        raise SystemExit(f"--gpus {a.gpus} but CUDA_VISIBLE_DEVICES={visible!r} names {len(devices)}")
+    procs = []
+    for gpu, group in enumerate(split_configs(configs, a.gpus)):
+        work = Path(a.work) / f"gpu{gpu}"
+        work.mkdir(parents=True, exist_ok=True)
+        # Each GPU's rows are written after each system; next to --json, a time limit leaves them there.
+        part = Path(a.json).with_suffix(f".gpu{gpu}.json") if a.json else work / "rows.json"
+        part.unlink(missing_ok=True)
+        # Own work folder and Unsloth compile cache per GPU: the processes write their files side by side.
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices[gpu], UNSLOTH_COMPILE_LOCATION=str(work / "unsloth_compiled_cache"))
+        cmd = [sys.executable, os.path.abspath(__file__), "--systems", a.systems, "--configs", ",".join(group),
+               "--steps", str(a.steps), "--warmup", str(a.warmup), "--reference-dir", a.reference_dir,
+               "--work", str(work), "--timeout", str(a.timeout), "--json", str(part), "--shape", a.shape,
+               "--model-dir", a.model_dir, "--logging-steps", str(a.logging_steps), *[f"--set={kv}" for kv in a.set]]
+        print(f"GPU {gpu}: {','.join(group)}", flush=True)
+        procs.append((part, subprocess.Popen(cmd, env=env)))
+    rows = []
+    for part, proc in procs:
+        proc.wait()
+        rows += json.loads(part.read_text())["rows"] if part.exists() else []
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--systems", default="baseline,peer,hf,unsloth")
@@ -193,6 +235,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the project's systems, e.g. lora.dropout=0 (the peer's LoRA)")
     ap.add_argument("--logging-steps", type=int, default=1, help="the project's systems log (and sync) every N steps")
+    ap.add_argument("--gpus", type=int, default=1, help="spread the configs over this many GPUs (see above)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     configs = a.configs.split(",")
@@ -208,6 +251,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     # The random model (and a tokenizer for Unsloth) once, in its own process.
     subprocess.run([sys.executable, bench.__file__, "--prepare-only", "--seq", "128", "--steps", "1",
                     "--micro-batch", "1", "--shape", a.shape, "--model-dir", a.model_dir, "--work", a.work], check=True)
+    if a.gpus > 1:
+        rows = run_on_gpus(a, configs)
+        if a.json:
+            Path(a.json).write_text(json.dumps({"rows": rows, "steps": a.steps, "warmup": a.warmup}, indent=1))
+        print(table(rows), flush=True)
+        return
     rows: list[dict] = []
     for system in a.systems.split(","):
         t = time.time()

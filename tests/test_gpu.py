@@ -176,3 +176,74 @@ def test_flash_varlen_attention_equals_each_example_alone_forward_and_backward()
     whole = torch.tensor([0, sum(lengths)], dtype=torch.int32, device="cuda")
     leaky = flash_varlen_attn(q, k, v, whole, whole, sum(lengths), sum(lengths), window_size=(-1, 0))
     assert not torch.allclose(leaky[40:].float(), ref_out[40:].float(), rtol=2e-2, atol=2e-2)
+
+
+UNSLOTH_PACKED_RUN = r"""
+import json, sys
+from qloraflow.unsloth_backend import import_unsloth
+import_unsloth()
+import torch
+from unsloth.utils import attention_dispatch as dispatch
+from qloraflow.attention import flash_varlen_attn
+from qloraflow.config import config_from_dict
+from qloraflow.train import Collator
+from qloraflow.unsloth_backend import load_unsloth_model
+
+cfg = config_from_dict(json.loads(sys.argv[1]))
+lengths = json.loads(sys.argv[2])
+model = load_unsloth_model(cfg)  # training mode, LoRA dropout 0: deterministic
+kernel, calls = dispatch._TORCH_VARLEN_ATTN, []
+def counting(*args, **kwargs):
+    calls.append(1)
+    return kernel(*args, **kwargs)
+dispatch._TORCH_VARLEN_ATTN = counting
+
+g = torch.Generator().manual_seed(0)
+examples = [torch.randint(3, 390, (n,), generator=g) for n in lengths]
+rows = [{"input_ids": e.tolist(), "labels": e.tolist(), "position_ids": list(range(len(e)))} for e in examples]
+batch = Collator(pad_token_id=0, padding_free=True, boundaries="unsloth")(rows)
+with torch.no_grad():
+    packed = model(input_ids=batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda(),
+                   packed_seq_lengths=batch["packed_seq_lengths"].cuda()).logits[0].float()
+    packed_calls = len(calls)
+    alone = torch.cat([model(input_ids=e[None].cuda()).logits[0].float() for e in examples])
+    # Negative control: the same row as one sequence, the examples seeing each other.
+    joined = model(input_ids=batch["input_ids"].cuda(),
+                   position_ids=torch.arange(sum(lengths))[None].cuda()).logits[0].float()
+torch.save({"packed": packed.cpu(), "alone": alone.cpu(), "joined": joined.cpu()}, sys.argv[3])
+print("RESULT " + json.dumps({"packed_calls": packed_calls, "ours": kernel is flash_varlen_attn,
+                              "layers": model.config.num_hidden_layers, "torch": torch.__version__}))
+"""
+
+
+@pytest.mark.skipif(find_spec("unsloth") is None, reason="unsloth is not installed")
+def test_unsloth_packed_rows_give_each_example_its_own_logits(tmp_path, tiny_model_dir):
+    """Unsloth's model on a padding-free row of several examples (the collator's ``packed_seq_lengths``)
+    returns, for every token, the logits of that example run alone, through the flash varlen kernel
+    ``use_flash_varlen_for_packed_rows`` installs on torch builds without a GQA varlen kernel."""
+    from packaging.version import Version
+
+    cfg = gpu_config(tiny_model_dir, "unsloth", **{"lora.dropout": 0.0})
+    lengths = [37, 120, 5, 90, 1]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", UNSLOTH_DISABLE_STATISTICS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", UNSLOTH_PACKED_RUN, json.dumps(cfg.to_dict()), json.dumps(lengths),
+                           str(tmp_path / "logits.pt")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    info = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    # The packed row went through the varlen kernel, once per layer, and on torch 2.11 it is ours.
+    assert info["packed_calls"] == info["layers"]
+    if Version(info["torch"]) < Version("2.12"):
+        assert info["ours"]
+    logits = torch.load(tmp_path / "logits.pt")
+    assert logits["packed"].shape == logits["alone"].shape == (sum(lengths), logits["packed"].shape[-1])
+    # Errors relative to the largest logit: a random model's logits are small, bf16 rounds at ~0.4%.
+    scale = logits["alone"].abs().max()
+    err = float((logits["packed"] - logits["alone"]).abs().max() / scale)
+    assert err < 0.02, f"packed-row logits differ from per-example logits by {err:.2%} of the largest logit"
+    # Negative control: the same row as one sequence. The first example sees nothing else either way;
+    # every later one sees the examples before it, which the check must be able to tell.
+    first = lengths[0]
+    leak_first = float((logits["joined"][:first] - logits["alone"][:first]).abs().max() / scale)
+    leak = float((logits["joined"][first:] - logits["alone"][first:]).abs().max() / scale)
+    print(f"packed vs alone {err:.3%}, joined vs alone {leak:.1%} of the largest logit")
+    assert leak_first < 0.02 and leak > max(0.05, 10 * err), (leak_first, leak, err)
