@@ -223,7 +223,8 @@ def test_unsloth_packed_rows_give_each_example_its_own_logits(tmp_path, tiny_mod
     ``use_flash_varlen_for_packed_rows`` installs on torch builds without a GQA varlen kernel."""
     from packaging.version import Version
 
-    cfg = gpu_config(tiny_model_dir, "unsloth", **{"lora.dropout": 0.0})
+    # sequence_len above the row: Unsloth would truncate the negative control (no packed lengths) to it
+    cfg = gpu_config(tiny_model_dir, "unsloth", **{"lora.dropout": 0.0, "tokenize.sequence_len": 256})
     lengths = [37, 120, 5, 90, 1]
     env = dict(os.environ, PYTHONUNBUFFERED="1", UNSLOTH_DISABLE_STATISTICS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-c", UNSLOTH_PACKED_RUN, json.dumps(cfg.to_dict()), json.dumps(lengths),
