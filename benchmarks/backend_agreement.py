@@ -29,10 +29,8 @@ ROOT = bench.ROOT
 def bench_args(a: argparse.Namespace, backend: str) -> argparse.Namespace:
     sets = ["lora.dropout=0", f"train.learning_rate={a.lr}", "train.warmup_ratio=0",
             f"lora.init_adapter={Path(a.work) / 'init-adapter'}"]
-    return argparse.Namespace(backend=backend, config=str(bench.CONFIG), shape=a.shape, seq=a.seq,
-                              micro_batch=a.micro_batch, grad_accum=1, steps=a.steps, warmup=1,
-                              model_dir=a.model_dir, work=a.work, json=None, attn=None, fp32_upcast=False,
-                              activation_offloading=False, one_doc=True, set=sets)
+    return bench.run_args(backend=backend, shape=a.shape, seq=a.seq, micro_batch=a.micro_batch, steps=a.steps,
+                          warmup=1, model_dir=a.model_dir, work=a.work, one_doc=True, set=sets)
 
 
 def child(a: argparse.Namespace) -> None:

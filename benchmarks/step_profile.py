@@ -84,10 +84,8 @@ def profile_project(a: argparse.Namespace, trace: Path) -> float:
 
     build = T.build_trainer
     T.build_trainer = lambda *args, **kw: build(*args[:-1], args[-1] + [Profile()], **kw)
-    ns = argparse.Namespace(backend=a.system, config=str(bench.CONFIG), shape="8b", seq=a.seq,
-                            micro_batch=a.micro_batch, grad_accum=1, steps=a.steps, warmup=a.warmup,
-                            model_dir=a.model_dir, work=a.work, json=None, attn=None, fp32_upcast=False,
-                            activation_offloading=False, one_doc=a.one_doc, set=a.set, off=a.off)
+    ns = bench.run_args(backend=a.system, shape="8b", seq=a.seq, micro_batch=a.micro_batch, steps=a.steps,
+                        warmup=a.warmup, model_dir=a.model_dir, work=a.work, one_doc=a.one_doc, set=a.set, off=a.off)
     bench.prepare(ns)
     bench.run(ns)
     return window.wall

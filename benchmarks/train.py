@@ -127,7 +127,7 @@ def prepare(args: argparse.Namespace) -> None:
         make_model(args.shape, model_dir)
     n_rows = args.steps * args.micro_batch * args.grad_accum
     rows = synthetic_rows(n_rows, args.seq, SHAPES[args.shape]["vocab_size"], seed=0,
-                          one_doc=getattr(args, "one_doc", False))
+                          one_doc=args.one_doc)
     ds = datasets.Dataset.from_list(rows)
     ds.save_to_disk(str(data_dir / "train"))
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(data_dir / "tokenizer")
@@ -189,7 +189,7 @@ def apply_experiments(args: argparse.Namespace, cfg: Any) -> None:
     cfg.model.upcast_unquantized_fp32 = args.fp32_upcast  # peft's prepare_model_for_kbit_training
     if args.activation_offloading:
         cfg.train.activation_offloading = True  # train.activation_offloading, set after validation as above
-    off = set(getattr(args, "off", None) or [])
+    off = set(args.off)
     if "host-token-count" in off:  # the Trainer's own count: a GPU sum and .item() each micro-step
         T.with_host_token_count = lambda cls: cls
     if "host-boundaries" in off:  # the attention reads the example boundaries off position_ids on the GPU
@@ -242,12 +242,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {
         "model.base_model": str(args.model_dir), "train.backend": args.backend, "train.max_steps": args.steps,
         "train.micro_batch_size": args.micro_batch, "train.gradient_accumulation_steps": args.grad_accum,
-        "tokenize.sequence_len": args.seq, "train.logging_steps": getattr(args, "logging_steps", 1), "train.eval_steps": 0,
+        "tokenize.sequence_len": args.seq, "train.logging_steps": args.logging_steps, "train.eval_steps": 0,
         "train.save_steps": 10**9, "train.use_cpu": not torch.cuda.is_available(),
     }
     import yaml
 
-    overrides.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in getattr(args, "set", []) or [])})
+    overrides.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})
     cfg = load_config(args.config, overrides)
     apply_experiments(args, cfg)
     if torch.cuda.is_available():
@@ -281,8 +281,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "backend": summary["backend"], "shape": args.shape, "seq": args.seq, "micro_batch": args.micro_batch,
         "grad_accum": args.grad_accum, "steps": summary["global_step"], "warmup_excluded": args.warmup,
-        "attn": cfg.model.attn_implementation, "fp32_upcast": args.fp32_upcast, "set": getattr(args, "set", []),
-        "activation_offloading": args.activation_offloading, "off": sorted(getattr(args, "off", None) or []),
+        "attn": cfg.model.attn_implementation, "fp32_upcast": args.fp32_upcast, "set": args.set,
+        "activation_offloading": args.activation_offloading, "off": sorted(args.off),
         "logging_steps": cfg.train.logging_steps,
         "tokens_per_s": round(steady) if steady else None,
         "mfu": round(steady * flops_per_token(SHAPES[args.shape], args.seq) / PEAK_FLOPS, 3) if steady and gpu else None,
@@ -314,7 +314,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", choices=("hf", "unsloth"), default="hf")
     ap.add_argument("--config", default=str(CONFIG))
@@ -335,8 +335,25 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--off", action="append", default=[], choices=sorted(OFF_SWITCHES),
                     help="turn one of the project's speed measures off (for the on/off table)")
     ap.add_argument("--logging-steps", type=int, default=1, help="1: every step's loss (a GPU sync a step)")
+    ap.add_argument("--one-doc", action="store_true", help="one example per row (the reference scripts' rows)")
     ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run_args(**changes: Any) -> argparse.Namespace:
+    """This script's arguments at their defaults, with ``changes``: how the other benchmark scripts call
+    :func:`prepare` and :func:`run` (``run_args(backend="unsloth", seq=2048, set=["lora.dropout=0"])``)."""
+    args = parser().parse_args([])
+    unknown = set(changes) - set(vars(args))
+    if unknown:
+        raise TypeError(f"not arguments of benchmarks/train.py: {sorted(unknown)}")
+    vars(args).update(changes)
+    args.model_dir = args.model_dir or f"/tmp/rand-{args.shape}"
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parser().parse_args(argv)
     args.model_dir = args.model_dir or f"/tmp/rand-{args.shape}"
     if args.prepare_only:
         prepare(args)

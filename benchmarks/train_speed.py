@@ -98,10 +98,9 @@ def run_project(system: str, configs: list[str], a: argparse.Namespace) -> list[
     rows = []
     for text in configs:
         seq, mb = parse_config(text)
-        ns = argparse.Namespace(backend=backend, config=str(bench.CONFIG), shape=a.shape, seq=seq, micro_batch=mb,
-                                grad_accum=1, steps=a.steps, warmup=a.warmup, model_dir=a.model_dir, work=a.work,
-                                json=None, attn=attn, fp32_upcast=False, activation_offloading=False,
-                                one_doc=one_doc, set=a.set + sets, off=off, logging_steps=a.logging_steps)
+        ns = bench.run_args(backend=backend, shape=a.shape, seq=seq, micro_batch=mb, steps=a.steps, warmup=a.warmup,
+                            model_dir=a.model_dir, work=a.work, attn=attn, one_doc=one_doc, set=a.set + sets,
+                            off=off, logging_steps=a.logging_steps)
         try:
             bench.prepare(ns)
             r = bench.run(ns)
