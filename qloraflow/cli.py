@@ -1,29 +1,93 @@
-"""The ``qloraflow`` command: registry operations, deployment manifests, config checks.
+"""The ``qloraflow`` command: registry operations, deployment manifests, run comparison, config checks.
 
     qloraflow validate configs/tiny.yaml
-    qloraflow models --name tiny-sql
+    qloraflow models --name tiny-sql [--json]
     qloraflow promote --name tiny-sql --version 3 [--force]
     qloraflow rollback --name tiny-sql
     qloraflow deploy --target k8s --model-uri models:/tiny-sql@champion --version 3 --dry-run
+    qloraflow compare --experiment qloraflow-demo
 
-The registry commands use ``$MLFLOW_TRACKING_URI`` (default ``sqlite:///mlflow.db``) unless
-``--tracking-uri`` is given. Each is a thin layer over the library functions the pipeline uses.
+Every subcommand has its own ``-h``. The registry commands and ``compare`` use ``--tracking-uri``
+(before or after the subcommand), else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``. Each is
+a thin layer over the library functions the pipeline uses; ``deploy`` and ``compare`` take exactly
+the options their modules define (``qloraflow.deploy``, ``qloraflow.compare``).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import re
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
-from qloraflow.errors import QloraflowError
+from qloraflow.errors import QloraflowError, RegistryError, TrackingError
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: rejects unknown arguments itself and records the ones it was given.
+
+    Rejecting here (not in the top-level parser) prints the subcommand's own usage, which lists the
+    options it does take. ``deploy`` hands the recorded strings to ``qloraflow.deploy.deploy_main``,
+    which parses them with the same parser the subcommand was built from.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)} (see '{self.prog} -h')")
+        ns.subcommand_argv = list(args) if args is not None else []
+        return ns, extras
+
+
+# ---------------------------------------------------------------------------------------------
+# The tracking store
+# ---------------------------------------------------------------------------------------------
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    """``--tracking-uri`` after the subcommand, else before it, else $MLFLOW_TRACKING_URI, else the default.
+
+    Raises:
+        TrackingError: a ``sqlite:///`` store whose file does not exist (MLflow would create an empty
+            one and then report that nothing is in it), or an HTTP server that does not answer.
+    """
+    from qloraflow.tracking import check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(getattr(args, "tracking_uri", None) or args.global_tracking_uri)
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?", 1)[0]
+        if path and path != ":memory:" and not Path(path).is_file():
+            raise TrackingError(
+                f"MLflow store {uri} does not exist (no file {os.path.abspath(path)}); run the pipeline first "
+                "(make demo), run this from the folder that holds mlflow.db, or pass --tracking-uri / set "
+                "MLFLOW_TRACKING_URI to the store the pipeline wrote")
+    check_reachable(uri)
+    return uri
 
 
 def _client(args: argparse.Namespace):  # noqa: ANN202
     from qloraflow.registry import client_for
 
-    return client_for(args.tracking_uri)
+    return client_for(_tracking_uri(args))
+
+
+def _model_version(client: Any, name: str, version: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        raise RegistryError(f"model {name!r} has no version {version!r} in the registry ({e.message}); "
+                            f"list the versions with: qloraflow models --name {name}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -34,12 +98,79 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from qloraflow.registry import list_versions
+def _short_source(source: Optional[str]) -> str:
+    """``runs:/<32 hex>/merged_model`` -> ``runs:/<8 hex>/merged_model``; long URIs keep their end."""
+    if not source:
+        return ""
+    m = re.match(r"^runs:/([0-9a-f]{9,})/(.*)$", source)
+    if m:
+        return f"runs:/{m[1][:8]}/{m[2]}"
+    return source if len(source) <= 48 else "..." + source[-45:]
 
-    for row in list_versions(_client(args), args.name):
-        mark = "*" if row.pop("champion") else " "
-        print(mark, json.dumps(row, sort_keys=True))
+
+def _created(ms: Optional[int]) -> str:
+    if not ms:
+        return ""
+    return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def version_rows(client: Any, name: str) -> list[dict[str, Any]]:
+    """``registry.list_versions`` plus each version's creation time and content digest.
+
+    Raises:
+        RegistryError: no registered model has this name (the message lists the ones there are).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from qloraflow.registry import DIGEST_TAG, list_versions
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise RegistryError(f"no registered model named {name!r} at {client.tracking_uri} (registered: "
+                            f"{', '.join(known) or 'none'}); pass --name with one of them") from e
+    extra = {str(mv.version): mv for mv in client.search_model_versions(f"name='{name}'")}
+    rows = []
+    for row in list_versions(client, name):
+        mv = extra.get(str(row["version"]))
+        row["creation_timestamp"] = getattr(mv, "creation_timestamp", None)
+        row[DIGEST_TAG] = (getattr(mv, "tags", None) or {}).get(DIGEST_TAG)
+        rows.append(row)
+    return rows
+
+
+def format_versions(name: str, rows: list[dict[str, Any]], metric: str) -> str:
+    """The table ``qloraflow models`` prints: one line per version, ``*`` on the champion's."""
+    from qloraflow.registry import ALIAS, DIGEST_TAG
+
+    if not rows:
+        return f"{name}: no versions registered"
+    champion = next((r["version"] for r in rows if r["champion"]), None)
+    header = ["", "version", metric, "created (UTC)", "digest", "source"]
+    table = [header]
+    for r in rows:
+        value = r.get(f"metric.{metric}")
+        try:
+            shown = f"{float(value):.4f}" if value is not None else "-"
+        except ValueError:
+            shown = str(value)
+        table.append(["*" if r["champion"] else "", str(r["version"]), shown, _created(r["creation_timestamp"]),
+                      (r.get(DIGEST_TAG) or "-")[:12], _short_source(r.get("source"))])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join(("-" if i else " ") * w for i, w in enumerate(widths)))
+    title = (f"{name}: {len(rows)} version(s); * = @{ALIAS} (version {champion})" if champion is not None
+             else f"{name}: {len(rows)} version(s); no @{ALIAS} yet")
+    return "\n".join([title, *lines])
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = version_rows(_client(args), args.name)
+    if args.json:
+        print(json.dumps(rows, indent=1, sort_keys=True))
+    else:
+        print(format_versions(args.name, rows, args.metric))
     return 0
 
 
@@ -48,7 +179,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from qloraflow import registry
 
     client = _client(args)
-    mv = client.get_model_version(args.name, args.version)
+    mv = _model_version(client, args.name, args.version)
     metrics = {k[len("metric."):]: float(v) for k, v in (mv.tags or {}).items() if k.startswith("metric.")}
     if args.force:
         registry.set_champion(client, args.name, str(args.version))
@@ -71,49 +202,94 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from qloraflow.deploy import deploy_main
 
-    return deploy_main(args.rest)
+    # The subparser was built from deploy's own parser and has checked these; deploy_main parses them again.
+    return deploy_main(args.subcommand_argv)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from qloraflow.compare import compare_main
+    from qloraflow.compare import run_compare
 
-    return compare_main(args.rest)
+    args.tracking_uri = _tracking_uri(args)
+    return run_compare(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------
+
+
+def _store_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--tracking-uri", metavar="URI", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qloraflow", description=__doc__.split("\n")[0])
-    ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("validate", help="validate a config: every problem at once")
-    p.add_argument("config")
+    from qloraflow import compare, deploy
+
+    ap = argparse.ArgumentParser(prog="qloraflow",
+                                 description="Registry operations, deployment manifests, run comparison and "
+                                             "config checks of the qloraflow pipeline.",
+                                 epilog="Run 'qloraflow COMMAND -h' for a command's options.")
+    ap.add_argument("--tracking-uri", dest="global_tracking_uri", metavar="URI", default=None,
+                    help="MLflow tracking URI of the registry commands and compare (default: $MLFLOW_TRACKING_URI, "
+                         "else sqlite:///mlflow.db); deploy's own --tracking-uri is the URI the pods use")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_SubcommandParser)
+    store = _store_options()
+
+    p = sub.add_parser("validate", help="validate a config: every problem at once",
+                       description="Validate a config file and print its hash; lists every problem at once.")
+    p.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     p.set_defaults(fn=cmd_validate)
-    p = sub.add_parser("models", help="list registered versions; * marks the champion")
-    p.add_argument("--name", required=True)
+
+    p = sub.add_parser("models", parents=[store], help="list registered versions; * marks the champion",
+                       description="List a registered model's versions: * marks the champion, with the gate "
+                                   "metric, creation time, content digest and source.")
+    p.add_argument("--name", required=True, help="registered model name, e.g. tiny-sql")
+    p.add_argument("--metric", default="exact_match", help="gate metric to show (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the versions as JSON (for scripts)")
     p.set_defaults(fn=cmd_models)
-    p = sub.add_parser("promote", help="make a version champion if it passes the gate")
-    p.add_argument("--name", required=True)
-    p.add_argument("--version", required=True)
-    p.add_argument("--metric", default="exact_match")
-    p.add_argument("--margin", type=float, default=0.0)
+
+    p = sub.add_parser("promote", parents=[store], help="make a version champion if it passes the gate",
+                       description="Make a version the champion if it beats the current one on the gate metric.")
+    p.add_argument("--name", required=True, help="registered model name, e.g. tiny-sql")
+    p.add_argument("--version", required=True, help="registry version to promote, e.g. 3")
+    p.add_argument("--metric", default="exact_match", help="gate metric (default: %(default)s)")
+    p.add_argument("--margin", type=float, default=0.0, help="must beat the champion by more than this")
     p.add_argument("--force", action="store_true", help="skip the gate")
     p.set_defaults(fn=cmd_promote)
-    p = sub.add_parser("rollback", help="give the champion alias back to the previous champion")
-    p.add_argument("--name", required=True)
+
+    p = sub.add_parser("rollback", parents=[store], help="give the champion alias back to the previous champion",
+                       description="Point the champion alias back at the version that held it before.")
+    p.add_argument("--name", required=True, help="registered model name, e.g. tiny-sql")
     p.set_defaults(fn=cmd_rollback)
-    for name, fn, text in (("deploy", cmd_deploy, "render (and apply) serving manifests"),
-                           ("compare", cmd_compare, "compare MLflow runs of an experiment")):
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(fn=fn)
+
+    # deploy's parser (with its -h) is the parent: its options are defined once, in qloraflow.deploy.
+    deploy_parser = deploy._parser()
+    p = sub.add_parser("deploy", parents=[deploy_parser], add_help=False,
+                       help="render (and apply) vLLM serving manifests", description=deploy_parser.description)
+    p.set_defaults(fn=cmd_deploy)
+
+    p = sub.add_parser("compare", help="compare MLflow pipeline runs of an experiment",
+                       description=compare.DESCRIPTION)
+    compare.add_compare_arguments(p)
+    p.set_defaults(fn=cmd_compare)
     return ap
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except QloraflowError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - MLflow's own errors: its message, not a traceback
+        mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+        if mlflow_exceptions is None or not isinstance(e, mlflow_exceptions.MlflowException):
+            raise
+        print(f"error: MLflow: {e.message}", file=sys.stderr)
         return 2
 
 

@@ -14,14 +14,24 @@ import argparse
 import os
 from typing import Any, Optional
 
+from qloraflow.errors import QloraflowError
+
 DEFAULT_PARAMS = ["train.learning_rate", "lora.r", "train.max_steps"]
 DEFAULT_METRICS = ["base.exact_match", "candidate.exact_match", "candidate.heldout_loss"]
+
+
+class ExperimentNotFound(QloraflowError, ValueError):
+    """The experiment named is not in the tracking store."""
 
 
 def pipeline_runs(client: Any, experiment: str) -> list[Any]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ValueError(f"MLflow experiment {experiment!r} does not exist at {client.tracking_uri}")
+        known = sorted(e.name for e in client.search_experiments())
+        raise ExperimentNotFound(
+            f"MLflow experiment {experiment!r} does not exist at {client.tracking_uri} "
+            f"(experiments there: {', '.join(known) or 'none'}); pass --experiment with one of them, or point "
+            "--tracking-uri / $MLFLOW_TRACKING_URI at the store the pipeline wrote")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`qloraflow.pipeline` = 'finetune'",
                               max_results=1000)
     return sorted(runs, key=lambda r: r.info.start_time)
@@ -89,23 +99,47 @@ def plot(client: Any, runs: list[Any], metrics: list[str], out_png: str) -> str:
     return out_png
 
 
-def compare_main(argv: Optional[list[str]] = None) -> int:
+def add_compare_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``qloraflow compare``, on ``ap`` (the CLI's subparser, or ``build_parser``'s own)."""
+    ap.add_argument("--experiment", required=True, help="MLflow experiment of the pipeline runs "
+                    "(the config's tracking.experiment, e.g. qloraflow-demo)")
+    ap.add_argument("--tracking-uri", metavar="URI", default=None,
+                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    ap.add_argument("--params", nargs="*", default=DEFAULT_PARAMS, metavar="PARAM",
+                    help=f"run params to show as columns (default: {' '.join(DEFAULT_PARAMS)})")
+    ap.add_argument("--metrics", nargs="*", default=DEFAULT_METRICS, metavar="METRIC",
+                    help=f"run metrics to show and plot (default: {' '.join(DEFAULT_METRICS)})")
+    ap.add_argument("--sort", default=None, help="a metric or param to sort by (descending)")
+    ap.add_argument("--ascending", action="store_true", help="sort ascending instead")
+    ap.add_argument("--out", default="compare.png", help="PNG with loss curves and metric bars (default: %(default)s)")
+    return ap
+
+
+DESCRIPTION = "Compare pipeline runs of an MLflow experiment: a table, loss curves and eval bars."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_compare_arguments(argparse.ArgumentParser(prog="qloraflow compare", description=DESCRIPTION))
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Print the table of ``args.experiment``'s pipeline runs and write the plot.
+
+    ``args`` holds the options ``add_compare_arguments`` defines (parsed by the CLI or ``compare_main``).
+    """
     from mlflow.tracking import MlflowClient
 
-    from qloraflow.tracking import resolve_tracking_uri
+    from qloraflow.tracking import check_reachable, resolve_tracking_uri
 
-    ap = argparse.ArgumentParser(prog="qloraflow compare", description="Compare pipeline runs of an experiment.")
-    ap.add_argument("--experiment", required=True)
-    ap.add_argument("--tracking-uri", default=None)
-    ap.add_argument("--params", nargs="*", default=DEFAULT_PARAMS)
-    ap.add_argument("--metrics", nargs="*", default=DEFAULT_METRICS)
-    ap.add_argument("--sort", default=None, help="a metric or param to sort by (descending)")
-    ap.add_argument("--ascending", action="store_true")
-    ap.add_argument("--out", default="compare.png", help="PNG with loss curves and metric bars")
-    a = ap.parse_args(argv)
-    client = MlflowClient(resolve_tracking_uri(a.tracking_uri))
-    runs = pipeline_runs(client, a.experiment)
-    print(format_table(comparison_table(runs, a.params, a.metrics, a.sort, not a.ascending)))
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    runs = pipeline_runs(client, args.experiment)
+    print(format_table(comparison_table(runs, args.params, args.metrics, args.sort, not args.ascending)))
     if runs:
-        print(f"wrote {os.path.abspath(plot(client, runs, a.metrics, a.out))}")
+        print(f"wrote {os.path.abspath(plot(client, runs, args.metrics, args.out))}")
     return 0
+
+
+def compare_main(argv: Optional[list[str]] = None) -> int:
+    return run_compare(build_parser().parse_args(argv))

@@ -166,7 +166,10 @@ class EvalConfig:
     sqlite_db: Optional[str] = _f(None, "SQLite database that execution_accuracy runs queries against.")
     max_samples: int = _f(200, "Test records evaluated (first N of the frozen test split).")
     max_new_tokens: int = _f(64, "Generation limit per answer.")
-    batch_size: int = _f(16, "Prompts per generation batch.")
+    batch_size: int = _f(16, "Prompts per generation batch (and rows per held-out loss batch).")
+    max_batch_tokens: Optional[int] = _f(None, "KV-cache positions per generation batch (longest prompt plus "
+                                               "max_new_tokens, times the prompts); None: batch_size alone decides. "
+                                               "Bounds the cache's memory: a Llama-3-8B position takes 128 KiB.")
     gate_metric: str = _f("exact_match", "Metric the promotion gate compares.")
     judge_base_url: Optional[str] = _f(None, "OpenAI-compatible endpoint of an LLM judge (e.g. http://host:8000/v1); "
                                              "None: no LLM-as-judge.")
@@ -177,8 +180,11 @@ class EvalConfig:
 class MergeConfig:
     """Merging the adapter into 16-bit base weights."""
 
-    logits_rtol: float = _f(0.02, "Largest allowed |merged - adapter| logit difference on held-out prompts, "
-                                  "relative to the largest logit.")
+    probe_samples: int = _f(8, "Held-out test rows whose answer positions the functional check compares "
+                               "(base + adapter against the merged model, next-token distributions).")
+    kl_factor: float = _f(4.0, "The merged model's mean KL divergence from base + adapter may be at most this many "
+                               "times the KL that one more rounding of the adapted weights causes (measured in "
+                               "the same check, see qloraflow/merge.py).")
     metric_tolerance: float = _f(0.02, "Largest allowed drop of the gate metric from adapter to merged model.")
 
 
@@ -397,7 +403,7 @@ def validate(cfg: FinetuneConfig) -> list[str]:
                  "'train.use_cpu'")
     if t.num_gpus > 1 and t.backend == "unsloth":
         p.append("'train.backend' unsloth trains on one GPU; use hf (or auto) with 'train.num_gpus' > 1")
-    if t.distributed == "fsdp":
+    if t.distributed == "fsdp" and t.num_gpus != 1:  # one process shards nothing: the setting is inert there
         if cfg.model.quantization == "8bit":
             p.append("'train.distributed' fsdp cannot shard 8-bit bitsandbytes weights; "
                      "set 'model.quantization' to 4bit (QLoRA) or none")
@@ -418,6 +424,12 @@ def validate(cfg: FinetuneConfig) -> list[str]:
         p.append("'eval.metrics' has execution_accuracy but 'eval.sqlite_db' is not set")
     if cfg.eval.max_samples < 1 or cfg.eval.batch_size < 1 or cfg.eval.max_new_tokens < 1:
         p.append("'eval.max_samples', 'eval.batch_size' and 'eval.max_new_tokens' must be >= 1")
+    if cfg.eval.max_batch_tokens is not None and cfg.eval.max_batch_tokens < 1:
+        p.append(f"'eval.max_batch_tokens' must be >= 1 or null, got {cfg.eval.max_batch_tokens}")
+    if cfg.merge.probe_samples < 1:
+        p.append(f"'merge.probe_samples' must be >= 1, got {cfg.merge.probe_samples}")
+    if cfg.merge.kl_factor <= 0:
+        p.append(f"'merge.kl_factor' must be > 0, got {cfg.merge.kl_factor}")
     if cfg.serve.startup_timeout_s <= 0:
         p.append(f"'serve.startup_timeout_s' must be > 0, got {cfg.serve.startup_timeout_s}")
     if not 0 <= cfg.serve.port < 65536:

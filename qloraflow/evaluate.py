@@ -5,8 +5,13 @@ metrics come from batched greedy generation on the test records' prompts, render
 template saved by the tokenize stage::
 
     from qloraflow.evaluate import evaluate_model
-    metrics, samples = evaluate_model(cfg, model_dir="base-model", data_dir="out/data", tok_dir="out/tok",
-                                      adapter_dir="out/train/adapter")
+    result = evaluate_model(cfg, model_dir="base-model", data_dir="out/data", tok_dir="out/tok",
+                            adapter_dir="out/train/adapter")
+    result.metrics, result.samples, result.tokens_per_s
+
+Everything runs on the GPU when the task has one (the CPU otherwise): answers are generated greedily
+in batches with a KV cache, longest prompts first, each batch bounded by ``eval.batch_size`` prompts
+and ``eval.max_batch_tokens`` cache positions.
 
 Task metrics:
 - ``exact_match``: the answer equals the reference after whitespace folding (case kept: SQL string
@@ -24,11 +29,13 @@ import os
 import re
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from qloraflow.precision import DTYPES, accelerator, release_memory
 from qloraflow.tokenize import IGNORE_INDEX
 
 
@@ -69,37 +76,65 @@ def execution_match(prediction: str, reference: str, db: str) -> float:
 
 # ------------------------------------------------------------------------------------------- models
 
-def load_for_eval(model_dir: str, adapter_dir: Optional[str], dtype: torch.dtype) -> Any:
-    """A 16-bit model for evaluation: the base, or base + unmerged adapter."""
+def load_for_eval(model_dir: str, adapter_dir: Optional[str], dtype: torch.dtype, device: Optional[str] = None) -> Any:
+    """A 16-bit model for evaluation on ``device`` (default: the GPU when there is one): the base, or
+    base + unmerged adapter."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": device or accelerator()})
     if adapter_dir:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        model = attach_adapter(model, adapter_dir)
     return model.eval()
 
 
+def attach_adapter(model: Any, adapter_dir: str | os.PathLike) -> Any:
+    """The loaded base with a LoRA adapter applied, unmerged (PEFT wraps the base in place)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+
+
+def _vocab_size(model: Any) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
 @torch.no_grad()
-def heldout_loss(model: Any, rows: Any, batch_size: int, pad_id: int) -> dict[str, float]:
-    """Mean loss per trained (assistant) token over the tokenized test rows, and its perplexity."""
+def heldout_loss(model: Any, rows: Any, batch_size: int, pad_id: int,
+                 max_logit_bytes: int = 2**30) -> dict[str, float]:
+    """Mean loss per trained (assistant) token over the tokenized test rows, and its perplexity.
+
+    Logits are computed only where the next token is trained (``logits_to_keep``): all positions of
+    a batch of long rows over a 128k vocabulary would need tens of GiB. Batches hold at most
+    ``batch_size`` rows and about ``max_logit_bytes`` of 16-bit logits.
+    """
+    device, vocab = model.device, _vocab_size(model)
     total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        batch = rows[i:i + batch_size]
+    lengths = [len(x) for x in rows["input_ids"]]
+    start = 0
+    while start < len(lengths):
+        stop = start + 1
+        while (stop < len(lengths) and stop - start < batch_size
+               and (stop + 1 - start) * max(lengths[start:stop + 1]) * vocab * 2 <= max_logit_bytes):
+            stop += 1
+        batch = rows[start:stop]
+        start = stop
         width = max(len(x) for x in batch["input_ids"])
         ids = torch.full((len(batch["input_ids"]), width), pad_id)
         labels = torch.full_like(ids, IGNORE_INDEX)
         mask = torch.zeros_like(ids)
         for j, (x, y) in enumerate(zip(batch["input_ids"], batch["labels"])):
             ids[j, :len(x)], labels[j, :len(y)], mask[j, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                                 shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                                 reduction="sum")
-        total += loss.item()
-        count += int((shift_labels != IGNORE_INDEX).sum())
+        # Position t predicts token t + 1: keep the positions whose next token is trained in any row.
+        keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            continue
+        targets = labels[:, keep + 1].to(device)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       logits_to_keep=keep.to(device)).logits
+        for j in range(logits.shape[0]):  # one row at a time in fp32
+            total += torch.nn.functional.cross_entropy(logits[j].float(), targets[j], ignore_index=IGNORE_INDEX,
+                                                       reduction="sum").item()
+        count += int((targets != IGNORE_INDEX).sum())
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
@@ -115,22 +150,62 @@ def prompt_messages(records: list[dict]) -> tuple[list[list[dict]], list[str]]:
     return chats, refs
 
 
+@dataclass
+class Generation:
+    """Greedy answers in prompt order, whether each ended with EOS, and what producing them cost."""
+
+    answers: list[str]
+    ended: list[bool]
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+def generation_batches(lengths: list[int], max_new_tokens: int, batch_size: int,
+                       max_batch_tokens: Optional[int]) -> list[list[int]]:
+    """Prompt indices in batches, longest prompts first, so that little of each batch is padding.
+
+    A batch holds at most ``batch_size`` prompts and, with ``max_batch_tokens``, at most that many
+    KV-cache positions (prompts padded to the longest, plus ``max_new_tokens`` each).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            last = batches[-1]
+            width = lengths[last[0]] + max_new_tokens  # the batch's first prompt is its longest
+            if len(last) < batch_size and (max_batch_tokens is None or (len(last) + 1) * width <= max_batch_tokens):
+                last.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
 @torch.no_grad()
-def generate_greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
-                    batch_size: int) -> tuple[list[str], list[bool]]:
-    """Batched greedy answers, and whether each one ended with EOS before the limit."""
+def generate_greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int,
+                    max_batch_tokens: Optional[int] = None) -> Generation:
+    """Batched greedy answers with a KV cache on the model's device, returned in prompt order."""
     eos_ids = _eos_ids(model, tokenizer)
     tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
-    answers, ended = [], []
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    answers: list[str] = [""] * len(prompts)
+    ended: list[bool] = [False] * len(prompts)
+    new_tokens, started = 0, time.perf_counter()
+    for batch in generation_batches([len(e) for e in encoded], max_new_tokens, batch_size, max_batch_tokens):
+        enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model.device)
         out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
                              pad_token_id=tokenizer.pad_token_id)
-        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        for i, row in zip(batch, out[:, enc["input_ids"].shape[1]:].tolist()):
             stop = next((k for k, t in enumerate(row) if t in eos_ids), None)
-            ended.append(stop is not None)
-            answers.append(tokenizer.decode(row[:stop] if stop is not None else row, skip_special_tokens=True))
-    return answers, ended
+            ended[i] = stop is not None
+            new_tokens += stop + 1 if stop is not None else len(row)
+            answers[i] = tokenizer.decode(row[:stop] if stop is not None else row, skip_special_tokens=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return Generation(answers, ended, new_tokens, time.perf_counter() - started)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -167,9 +242,23 @@ def score(answers: list[str], refs: list[str], ended: list[bool], metrics: list[
     return out
 
 
+@dataclass
+class Evaluation:
+    """One model's result on the test split: metrics, a sample per record, and the generation's cost."""
+
+    metrics: dict[str, float]
+    samples: list[dict]
+    generation_seconds: float = 0.0
+    generated_tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+
 def evaluate_model(cfg: Any, model_dir: str, data_dir: str | os.PathLike, tok_dir: str | os.PathLike,
-                   adapter_dir: Optional[str] = None) -> tuple[dict[str, float], list[dict]]:
-    """Loss, perplexity and task metrics of one model on the frozen test split.
+                   adapter_dir: Optional[str] = None, model: Any = None) -> Evaluation:
+    """Loss, perplexity and task metrics of one model on the frozen test split, on the GPU when there is one.
 
     Args:
         cfg: the pipeline config (``eval`` and ``model.compute_dtype`` are used).
@@ -177,34 +266,54 @@ def evaluate_model(cfg: Any, model_dir: str, data_dir: str | os.PathLike, tok_di
         data_dir: the data stage's output (``test.parquet``).
         tok_dir: the tokenize stage's output (``test/`` rows and ``tokenizer/`` with the template).
         adapter_dir: a LoRA adapter applied on top of ``model_dir`` (not merged).
+        model: the model already loaded (``model_dir`` and ``adapter_dir`` are then not read).
 
     Returns:
-        ``(metrics, samples)``: samples hold prompt, reference and answer for each test record.
+        The metrics, and samples holding prompt, reference and answer for each test record.
     """
     import datasets
     from transformers import AutoTokenizer
 
-    from qloraflow.train import DTYPES
-
     e = cfg.eval
     tokenizer = AutoTokenizer.from_pretrained(str(Path(tok_dir) / "tokenizer"))
-    model = load_for_eval(model_dir, adapter_dir, DTYPES[cfg.model.compute_dtype])
+    owned = model is None
+    if owned:
+        model = load_for_eval(model_dir, adapter_dir, DTYPES[cfg.model.compute_dtype])
     rows = datasets.load_from_disk(str(Path(tok_dir) / "test")).select_columns(["input_ids", "labels"])
     rows = rows.select(range(min(len(rows), e.max_samples)))
     metrics = {f"heldout_{k}": v for k, v in heldout_loss(model, rows, e.batch_size, tokenizer.pad_token_id).items()}
     records = datasets.Dataset.from_parquet(str(Path(data_dir) / "test.parquet")).to_list()[: e.max_samples]
     chats, refs = prompt_messages(records)
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
-    answers, ended = generate_greedy(model, tokenizer, prompts, e.max_new_tokens, e.batch_size)
-    metrics.update(score(answers, refs, ended, e.metrics, e.sqlite_db))
+    gen = generate_greedy(model, tokenizer, prompts, e.max_new_tokens, e.batch_size, e.max_batch_tokens)
+    metrics.update(score(gen.answers, refs, gen.ended, e.metrics, e.sqlite_db))
     if e.judge_base_url:
         questions = [c[-1]["content"] for c in chats]
-        judged = judge_answers(e.judge_base_url, e.judge_model, questions, refs, answers)
+        judged = judge_answers(e.judge_base_url, e.judge_model, questions, refs, gen.answers)
         if judged["judge_score"] is not None:
             metrics["judge_score"] = judged["judge_score"]
     samples = [{"messages": c, "prompt": p, "reference": r, "answer": a, "ended_with_eos": d}
-               for c, p, r, a, d in zip(chats, prompts, refs, answers, ended)]
-    return metrics, samples
+               for c, p, r, a, d in zip(chats, prompts, refs, gen.answers, gen.ended)]
+    if owned:
+        del model
+        release_memory()
+    return Evaluation(metrics, samples, gen.seconds, gen.new_tokens)
+
+
+def evaluate_base_and_candidate(cfg: Any, data_dir: str | os.PathLike, tok_dir: str | os.PathLike,
+                                adapter_dir: str | os.PathLike) -> dict[str, Evaluation]:
+    """``base`` (the 16-bit base model) and ``candidate`` (the same base + the adapter, unmerged).
+
+    The base is loaded once, on the GPU when there is one, and the adapter attached to it after the
+    base's turn: one 16-bit model on the card at any time.
+    """
+    model = load_for_eval(cfg.model.base_model, None, DTYPES[cfg.model.compute_dtype])
+    results = {"base": evaluate_model(cfg, cfg.model.base_model, data_dir, tok_dir, model=model)}
+    results["candidate"] = evaluate_model(cfg, cfg.model.base_model, data_dir, tok_dir,
+                                          model=attach_adapter(model, adapter_dir))
+    del model
+    release_memory()
+    return results
 
 
 JUDGE_PROMPT = (

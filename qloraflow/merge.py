@@ -1,14 +1,37 @@
-"""Merge the adapter into 16-bit base weights, then prove the merged model equals the adapter.
+"""Merge the adapter into 16-bit base weights, then prove the merged model equals base + adapter.
 
-The base is loaded in the training compute dtype (never the 4-bit model: merging into quantised
-weights and saving would either fail or silently bake in rounding), the adapter applied and folded in
-with ``merge_and_unload``, and the result saved as safetensors with the tokenizer (and its chat
-template), a generation config whose EOS ids include the template's end-of-turn token, and no
-``quantization_config``::
+The base is loaded in the training compute dtype on the task's GPU (the CPU without one; never the
+4-bit model: merging into quantised weights and saving would either fail or silently bake in
+rounding), the adapter applied and folded in with ``merge_and_unload``, and the result saved as
+safetensors with the tokenizer (and its chat template), a generation config whose EOS ids include the
+template's end-of-turn token, and no ``quantization_config``::
 
-    from qloraflow.merge import merge_adapter, verify_merge
-    info = merge_adapter("base-model", "out/train/adapter", "out/merged", "bfloat16")
-    check = verify_merge("base-model", "out/train/adapter", "out/merged", prompts, atol=0.05)
+    from qloraflow.merge import merge_and_verify, probe_rows
+    info = merge_and_verify("base-model", "out/train/adapter", "out/merged", "bfloat16",
+                            probe_rows("out/tok", 8))
+
+:func:`verify_merge` checks the saved folder in two ways, each with a meaning that does not change
+with the model's depth or the scale of its weights and logits:
+
+1. **Weights, exactly, one tensor at a time.** Each merged tensor is compared with the base's tensor
+   (in the compute dtype) plus the adapter's delta ``scaling * B @ A``, computed in float32 from the
+   files. Rounding to bf16 moves a number by at most half a unit in the last place (ulp); PEFT may
+   round twice (the delta, then the sum), so every element must lie within one ulp of the exact
+   value plus one ulp of the delta. Tensors the adapter does not touch must be bit-identical to the
+   base's. The bound is per element, so it is the same for 4 layers as for 80; an adapter scaled by
+   1.5, one layer's delta left out, or another base all put elements many ulps away.
+2. **Outputs, on held-out answers.** The next-token distributions of base + adapter (unmerged: the
+   model evaluated as ``candidate``) and of the merged model, at the answer positions of
+   ``merge.probe_samples`` test rows: the mean KL divergence and greedy (argmax) agreement. Their bound
+   is measured in the same check: the merged model with every adapted weight moved one ulp up or down
+   at random (one more rounding, twice the most an honest merge moves any weight) shows the KL and
+   disagreement that bf16 rounding alone causes at this depth and logit scale. The merge passes
+   when its KL is at most ``merge.kl_factor`` times that (KL grows with the square of a small
+   perturbation: 4 allows twice the rounding noise) and it disagrees on at most twice as many
+   positions plus one.
+
+Only one 16-bit model is on the device at any time: the reference distributions are kept on the host
+while the merged model is loaded, and the weight check streams tensors from the files.
 """
 
 from __future__ import annotations
@@ -19,14 +42,17 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
 
 from qloraflow.checkpoint import MANIFEST, save_atomic
 from qloraflow.errors import MergeVerificationError, QloraflowError
+from qloraflow.precision import DTYPES, accelerator, nudge_by_ulp, release_memory, ulp
+from qloraflow.tokenize import IGNORE_INDEX
 
 
 class MergeError(QloraflowError):
@@ -37,6 +63,8 @@ def _folder_bytes(folder: Path, suffix: str = ".safetensors") -> int:
     return sum(p.stat().st_size for p in folder.glob(f"*{suffix}"))
 
 
+# ------------------------------------------------------------------------------------------- merge
+
 def merge_adapter(base_model: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
                   dtype_name: str) -> dict[str, Any]:
     """Fold a LoRA adapter into the 16-bit base and save it atomically.
@@ -45,14 +73,41 @@ def merge_adapter(base_model: str, adapter_dir: str | os.PathLike, out_dir: str 
         MergeError: the disk filled up or the folder is not writable; nothing is left under ``out_dir``.
         MergeVerificationError: a merged tensor is not in the training dtype.
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return _merge(base_model, adapter_dir, out_dir, dtype_name, probe=None)[0]
 
-    from qloraflow.train import DTYPES
+
+def merge_and_verify(base_model: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                     dtype_name: str, probe: list[dict], kl_factor: float = 4.0) -> dict[str, Any]:
+    """:func:`merge_adapter`, then :func:`verify_merge` with the reference taken before the fold.
+
+    The base + adapter model that is merged also gives the reference distributions, so the 16-bit base
+    is read once. Returns the merge info with the check's numbers under ``verify``.
+    """
+    started = time.perf_counter()
+    info, reference = _merge(base_model, adapter_dir, out_dir, dtype_name, probe)
+    merged = time.perf_counter()
+    info["verify"] = verify_merge(base_model, adapter_dir, out_dir, probe, dtype_name, kl_factor, reference)
+    info.update(merge_seconds=round(merged - started, 1), verify_seconds=round(time.perf_counter() - merged, 1))
+    return info
+
+
+def load_adapted(base_model: str, adapter_dir: str | os.PathLike, dtype: torch.dtype) -> Any:
+    """The 16-bit base with the adapter applied, unmerged, on the accelerator."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, device_map={"": accelerator()})
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def _merge(base_model: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype_name: str,
+           probe: Optional[list[dict]]) -> tuple[dict[str, Any], Optional[list[torch.Tensor]]]:
+    from transformers import AutoTokenizer
 
     dtype = DTYPES[dtype_name]
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    model = load_adapted(base_model, adapter_dir, dtype)
+    reference = next_token_logprobs(model, probe) if probe else None
+    merged = model.merge_and_unload()
     wrong = sorted({str(p.dtype) for p in merged.parameters() if p.dtype != dtype})
     if wrong:
         raise MergeVerificationError(f"merged weights have dtypes {wrong}, expected {dtype}: refusing to save")
@@ -77,10 +132,12 @@ def merge_adapter(base_model: str, adapter_dir: str | os.PathLike, out_dir: str 
         raise MergeError(f"could not write the merged model to {out_dir}: {_io_reason(e)}; free space (it needs "
                          f"about {_param_bytes(merged) / 2**20:.0f} MiB) or choose another output folder") from e
     info = {"merged_dir": str(out_dir), "dtype": dtype_name, "bytes": _folder_bytes(out_dir),
-            "base_bytes": _folder_bytes(Path(base_model)), "eos_token_id": gen.eos_token_id,
-            "sha256": model_digest(out_dir)}
+            "base_bytes": _folder_bytes(Path(base_model)) if Path(base_model).is_dir() else None,
+            "eos_token_id": gen.eos_token_id, "sha256": model_digest(out_dir)}
     (out_dir / "merge_info.json").write_text(json.dumps(info, indent=1))
-    return info
+    del model, merged
+    release_memory()
+    return info, reference
 
 
 def model_digest(folder: str | os.PathLike) -> str:
@@ -122,23 +179,195 @@ def _eos_ids(tokenizer: Any, current: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-@torch.no_grad()
-def verify_merge(base_model: str, adapter_dir: str | os.PathLike, merged_dir: str | os.PathLike,
-                 prompts: list[str], rtol: float, dtype_name: str) -> dict[str, Any]:
-    """Compare the merged model with base + adapter (unmerged) on held-out prompts.
+# ------------------------------------------------------------------------------------------ probes
 
-    Checks: the saved weights are in the training dtype and the same size as the base's; the config has
-    no quantization; logits agree within ``rtol`` of the largest logit (rounding the merged weights to
-    bf16 moves a logit by about 2**-8 of its size per layer, so an absolute bound would depend on scale).
+def probe_rows(tok_dir: str | os.PathLike, n: int, max_positions: int = 256) -> list[dict]:
+    """The first ``n`` tokenized test rows and, in each, the positions whose next token is an answer token.
+
+    Returns:
+        ``[{"input_ids": [...], "positions": [...]}]``: position ``t`` predicts token ``t + 1``.
+    """
+    import datasets
+
+    rows = datasets.load_from_disk(str(Path(tok_dir) / "test")).select_columns(["input_ids", "labels"])
+    probe = []
+    for row in rows.select(range(min(n, len(rows)))):
+        positions = [t for t in range(len(row["labels"]) - 1) if row["labels"][t + 1] != IGNORE_INDEX]
+        if positions:
+            probe.append({"input_ids": row["input_ids"], "positions": positions[:max_positions]})
+    return probe
+
+
+@torch.no_grad()
+def next_token_logprobs(model: Any, probe: list[dict]) -> list[torch.Tensor]:
+    """Log-probabilities (float32, on the host) of the next token at each probe position."""
+    out = []
+    for row in probe:
+        ids = torch.tensor([row["input_ids"]], device=model.device)
+        keep = torch.tensor(row["positions"], device=model.device)
+        logits = model(input_ids=ids, logits_to_keep=keep).logits[0].float()
+        out.append(torch.log_softmax(logits, dim=-1).cpu())
+    return out
+
+
+def compare_distributions(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict[str, float]:
+    """Mean and largest KL(reference || other) per position, and the share of equal argmax tokens."""
+    device = accelerator()
+    kls, agree, n = [], 0, 0
+    for a, b in zip(reference, other):
+        a, b = a.to(device), b.to(device)
+        kls.append((a.exp() * (a - b)).sum(-1).clamp_min(0).cpu())
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        n += a.shape[0]
+    kl = torch.cat(kls) if kls else torch.zeros(0)
+    return {"mean_kl": float(kl.mean()) if n else 0.0, "max_kl": float(kl.max()) if n else 0.0,
+            "greedy_agreement": agree / n if n else 1.0, "positions": n}
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+def _weight_files(model: str) -> list[Path]:
+    path = Path(model)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(model, allow_patterns=["*.safetensors", "*.json"]))
+    return sorted(path.glob("*.safetensors"))
+
+
+def _tensor_files(files: list[Path]) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    where = {}
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            where.update({k: f for k in st.keys()})
+    return where
+
+
+def adapter_deltas(adapter_dir: str | os.PathLike) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], list[str]]:
+    """The adapter's LoRA factors by the base weight they change: ``{"model.layers.0...q_proj.weight": (A, B, scaling)}``.
+
+    Returns:
+        The factors, and notes on adapter parts the exact weight check cannot follow (DoRA, trained
+        embeddings or heads); those tensors are then checked by the output comparison alone.
+    """
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    deltas, notes = {}, []
+    for key, a in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
+        b = state[key.replace(".lora_A.", ".lora_B.")]
+        rank = a.shape[0]
+        alpha = next((v for p, v in alpha_pattern.items() if re.search(rf"(^|\.){p}$", module)), config["lora_alpha"])
+        scaling = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
+        deltas[f"{module}.weight"] = (a, b, scaling)
+    other = sorted({k.rsplit(".", 2)[-2] for k in state if ".lora_A." not in k and ".lora_B." not in k})
+    if config.get("use_dora"):
+        notes.append("DoRA rescales each merged row: its weights are checked by the outputs only")
+    if other:
+        notes.append(f"adapter tensors {other} are not LoRA factors: the weights they change are checked "
+                     f"by the outputs only")
+    if config.get("fan_in_fan_out"):
+        notes.append("fan_in_fan_out adapters (Conv1D layers) are checked by the outputs only")
+    return deltas, notes
+
+
+@torch.no_grad()
+def check_merged_weights(base_model: str, adapter_dir: str | os.PathLike, merged_dir: str | os.PathLike,
+                         dtype: torch.dtype) -> dict[str, Any]:
+    """Every merged tensor against base + adapter, element by element (the bound is in the module docstring).
+
+    Returns:
+        Counts, the tensors outside the bound with their worst distance in ulps, keys missing on
+        either side, tensors the adapter does not touch that changed, and ``delta_lost_share``: the
+        share of non-zero delta elements that rounding to ``dtype`` erased (merged equals base there).
+    """
+    from safetensors import safe_open
+
+    device = accelerator()
+    deltas, notes = adapter_deltas(adapter_dir)
+    exact = not notes
+    base = _tensor_files(_weight_files(base_model))
+    merged = _tensor_files(sorted(Path(merged_dir).glob("*.safetensors")))
+    outside, changed, worst, lost, nonzero, expected_bytes = [], [], 0.0, 0, 0, 0
+    for key in sorted(merged):
+        if key not in base:
+            continue
+        with safe_open(str(base[key]), "pt", device="cpu") as f:
+            w = f.get_tensor(key).to(device=device, dtype=dtype)
+        with safe_open(str(merged[key]), "pt", device="cpu") as f:
+            m = f.get_tensor(key).to(device)
+        expected_bytes += w.numel() * w.element_size()
+        if key not in deltas:
+            if exact and not torch.equal(w, m.to(dtype)):  # a trained head or embedding may differ otherwise
+                changed.append(key)
+            continue
+        if not exact:
+            continue
+        a, b, scaling = deltas[key]
+        delta = (b.to(device, torch.float32) @ a.to(device, torch.float32)) * scaling
+        want = w.float() + delta
+        err = (m.float() - want).abs()
+        bound = ulp(want, dtype) + ulp(delta, dtype)
+        bad = int((err > bound).sum())
+        distance = float((err / ulp(want, dtype)).max())
+        worst = max(worst, distance)
+        if bad:
+            outside.append({"tensor": key, "elements": bad, "of": err.numel(), "worst_ulps": round(distance, 1)})
+        moved = delta != 0
+        nonzero += int(moved.sum())
+        lost += int((moved & (m == w)).sum())
+        del w, m, delta, want, err, bound, moved
+    return {"tensors": len(merged), "adapted": len(deltas), "outside_bound": outside, "worst_ulps": worst,
+            "unadapted_changed": changed, "missing_in_merged": sorted(set(base) - set(merged)),
+            "not_in_base": sorted(set(merged) - set(base)), "expected_bytes": expected_bytes,
+            "delta_lost_share": lost / nonzero if nonzero else 0.0, "notes": notes}
+
+
+def weight_problems(weights: dict[str, Any]) -> list[str]:
+    """What :func:`check_merged_weights` found wrong, one sentence each (empty: the weights are right)."""
+    problems = []
+    if weights["outside_bound"]:
+        first = weights["outside_bound"][0]
+        problems.append(f"{len(weights['outside_bound'])} of {weights['adapted']} adapted tensors are not base + "
+                        f"adapter to rounding in the compute dtype (worst {weights['worst_ulps']:.1f} ulp; e.g. {first['tensor']}: "
+                        f"{first['elements']} of {first['of']} elements)")
+    if weights["unadapted_changed"]:
+        problems.append(f"{len(weights['unadapted_changed'])} tensors the adapter does not touch differ from the "
+                        f"base's (e.g. {weights['unadapted_changed'][0]}): merged into another base?")
+    if weights["missing_in_merged"] or weights["not_in_base"]:
+        problems.append(f"tensor names differ from the base's: missing {weights['missing_in_merged'][:3]}, "
+                        f"extra {weights['not_in_base'][:3]}")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------- verify
+
+def verify_merge(base_model: str, adapter_dir: str | os.PathLike, merged_dir: str | os.PathLike,
+                 probe: list[dict], dtype_name: str, kl_factor: float = 4.0,
+                 reference: Optional[list[torch.Tensor]] = None) -> dict[str, Any]:
+    """Prove the saved merged model equals base + adapter (the two checks of the module docstring).
+
+    Args:
+        probe: token rows and positions (:func:`probe_rows`).
+        reference: base + adapter's distributions on ``probe``, if already computed (:func:`merge_and_verify`);
+            otherwise base + adapter is loaded, measured and released before the merged model is loaded.
+
+    Returns:
+        The numbers of both checks.
 
     Raises:
         MergeVerificationError: any check fails; the message gives the numbers.
     """
-    from peft import PeftModel
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from qloraflow.train import DTYPES
 
     dtype = DTYPES[dtype_name]
     merged_dir = Path(merged_dir)
@@ -150,26 +379,44 @@ def verify_merge(base_model: str, adapter_dir: str | os.PathLike, merged_dir: st
             bad = {str(f.get_slice(k).get_dtype()) for k in f.keys()} - {_st_name(dtype)}
             if bad:
                 problems.append(f"{shard.name} holds {sorted(bad)} tensors, expected {_st_name(dtype)}")
-    merged_bytes, base_bytes = _folder_bytes(merged_dir), _folder_bytes(Path(base_model))
-    if base_bytes and abs(merged_bytes - base_bytes) > 0.01 * base_bytes:
-        problems.append(f"merged weights are {merged_bytes} bytes, the base's {base_bytes}")
 
-    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype),
-                                          str(adapter_dir)).eval()
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=dtype).eval()
-    worst, scale = 0.0, 0.0
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        a = reference(input_ids=ids).logits.float()
-        b = merged(input_ids=ids).logits.float()
-        worst, scale = max(worst, (a - b).abs().max().item()), max(scale, a.abs().max().item())
-    relative = worst / max(scale, 1e-6)
-    if relative > rtol:
-        problems.append(f"logits differ by up to {worst:.4f} ({relative:.2%} of the largest logit {scale:.2f}) "
-                        f"> merge.logits_rtol {rtol:.2%}")
-    result = {"max_logit_diff": worst, "relative_logit_diff": relative, "merged_bytes": merged_bytes,
-              "base_bytes": base_bytes, "prompts": len(prompts)}
+    weights = check_merged_weights(base_model, adapter_dir, merged_dir, dtype)
+    problems += weight_problems(weights)
+    merged_bytes = _folder_bytes(merged_dir)
+    if weights["expected_bytes"] and abs(merged_bytes - weights["expected_bytes"]) > 0.01 * weights["expected_bytes"]:
+        problems.append(f"merged weights are {merged_bytes} bytes; the base's tensors in {dtype_name} are "
+                        f"{weights['expected_bytes']}")
+    merged_tok, adapter_tok = AutoTokenizer.from_pretrained(str(merged_dir)), AutoTokenizer.from_pretrained(str(adapter_dir))
+    if merged_tok.chat_template != adapter_tok.chat_template:
+        problems.append("the merged model's chat template is not the one the adapter was trained with")
+
+    if reference is None:
+        model = load_adapted(base_model, adapter_dir, dtype)
+        reference = next_token_logprobs(model, probe)
+        del model
+        release_memory()
+    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=dtype, device_map={"": accelerator()}).eval()
+    ours = next_token_logprobs(model, probe)
+    outputs = compare_distributions(reference, ours)
+    generator = torch.Generator(model.device).manual_seed(0)
+    adapted = {k.rsplit(".", 1)[0] for k in adapter_deltas(adapter_dir)[0]}
+    for name, module in model.named_modules():
+        if name in adapted:
+            nudge_by_ulp(module.weight, generator)
+    rounding = compare_distributions(ours, next_token_logprobs(model, probe))
+    del model
+    release_memory()
+    kl_bound = kl_factor * rounding["mean_kl"] + 1e-9
+    flips, flips_bound = 1 - outputs["greedy_agreement"], 2 * (1 - rounding["greedy_agreement"]) + 1 / max(outputs["positions"], 1)
+    if outputs["mean_kl"] > kl_bound:
+        problems.append(f"mean KL from base + adapter {outputs['mean_kl']:.3g} nats > {kl_factor:g} x "
+                        f"{rounding['mean_kl']:.3g}, what one more bf16 rounding of the adapted weights causes "
+                        f"(merge.kl_factor)")
+    if flips > flips_bound + 1e-12:
+        problems.append(f"greedy next tokens differ at {flips:.2%} of {outputs['positions']} answer positions; "
+                        f"one more rounding flips {1 - rounding['greedy_agreement']:.2%}")
+    result = {"weights": weights, "outputs": outputs, "rounding": rounding, "kl_bound": kl_bound,
+              "merged_bytes": merged_bytes, "prompts": len(probe)}
     if problems:
         raise MergeVerificationError(f"merged model {merged_dir} failed verification: " + "; ".join(problems))
     return result

@@ -33,10 +33,9 @@ import torch
 from qloraflow import checkpoint as ckpt
 from qloraflow.attention import attention_implementation, boundaries
 from qloraflow.config import FinetuneConfig
+from qloraflow.precision import compute_dtype, quantization_config, release_memory
 from qloraflow.tokenize import IGNORE_INDEX
 from qloraflow.tracking import NullTracker, Tracker
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -51,14 +50,6 @@ def resolve_backend(requested: str) -> str:
         if importlib.util.find_spec("unsloth") is not None:
             return "unsloth"
     return "hf"
-
-
-def compute_dtype(cfg: FinetuneConfig) -> torch.dtype:
-    """The configured compute dtype, falling back to fp16 on GPUs without bf16."""
-    dtype = DTYPES[cfg.model.compute_dtype]
-    if dtype == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return dtype
 
 
 def world_size() -> int:
@@ -84,19 +75,6 @@ def _on_gpu(cfg: FinetuneConfig) -> bool:
     return torch.cuda.is_available() and not cfg.train.use_cpu
 
 
-def quantization_config(cfg: FinetuneConfig) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    if cfg.model.quantization == "4bit":
-        dtype = compute_dtype(cfg)
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.model.bnb_4bit_quant_type,
-                                  bnb_4bit_use_double_quant=cfg.model.double_quant,
-                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
-    if cfg.model.quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
-
-
 def load_base_model(cfg: FinetuneConfig) -> Any:
     """The base causal LM, quantised as configured and ready for k-bit training.
 
@@ -112,8 +90,8 @@ def load_base_model(cfg: FinetuneConfig) -> Any:
     # Each process holds the whole (4-bit) model on its own GPU: DDP replicates it, FSDP shards it
     # once the Trainer wraps it (its 4-bit weights are stored in the compute dtype, so FSDP can).
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.base_model, revision=cfg.model.revision, quantization_config=quantization_config(cfg),
-        dtype=compute_dtype(cfg), attn_implementation=attention_implementation(cfg.model.attn_implementation),
+        cfg.model.base_model, revision=cfg.model.revision, quantization_config=quantization_config(cfg.model),
+        dtype=compute_dtype(cfg.model), attn_implementation=attention_implementation(cfg.model.attn_implementation),
         device_map={"": int(os.environ.get("LOCAL_RANK", "0"))} if _on_gpu(cfg) else {"": "cpu"})
     model.config.use_cache = False
     if cfg.model.quantization != "none" and cfg.model.upcast_unquantized_fp32:
@@ -195,7 +173,7 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, has_eval: bool) ->
     from trl import SFTConfig
 
     t = cfg.train
-    dtype = compute_dtype(cfg)
+    dtype = compute_dtype(cfg.model)
     evaluating = has_eval and t.eval_steps > 0
     return SFTConfig(
         output_dir=str(output_dir / "checkpoints"),
@@ -544,6 +522,8 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
         **memory_metrics(),
     }
     summary["tokens_per_s"] = summary["tokens_seen"] / seconds if seconds and summary["tokens_seen"] else None
+    del trainer, model
+    release_memory()  # a local Flyte run evaluates next in this process, on this GPU
     if not procs.is_main_process:
         return summary
     (output_dir / "train_result.json").write_text(json.dumps(summary, indent=1))

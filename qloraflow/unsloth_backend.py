@@ -90,9 +90,9 @@ def bnb_config(cfg: FinetuneConfig) -> Any:
         return None
     if cfg.model.bnb_4bit_quant_type == "nf4" and cfg.model.double_quant:
         return None
-    from qloraflow.train import quantization_config
+    from qloraflow.precision import quantization_config
 
-    return quantization_config(cfg)
+    return quantization_config(cfg.model)
 
 
 def use_flash_varlen_for_packed_rows() -> bool:
@@ -141,7 +141,7 @@ def load_unsloth_model(cfg: FinetuneConfig) -> Any:
     from unsloth import FastLanguageModel
 
     # Imported here, after unsloth: train.py's helpers import transformers lazily.
-    from qloraflow.train import compute_dtype
+    from qloraflow.precision import compute_dtype
 
     use_flash_varlen_for_packed_rows()
     quantized = cfg.model.quantization == "4bit"
@@ -150,7 +150,7 @@ def load_unsloth_model(cfg: FinetuneConfig) -> Any:
         model_name=cfg.model.base_model, revision=cfg.model.revision,
         # Packed rows are sequence_len long; the padding-free collator joins a micro-batch into one row,
         # which Unsloth recognises from the restarting position_ids and does not truncate.
-        max_seq_length=cfg.tokenize.sequence_len, dtype=compute_dtype(cfg),
+        max_seq_length=cfg.tokenize.sequence_len, dtype=compute_dtype(cfg.model),
         load_in_4bit=quantized, load_in_16bit=not quantized,
         quantization_config=bnb_config(cfg),
         use_gradient_checkpointing=checkpointing, random_state=cfg.seed,

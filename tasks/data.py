@@ -19,7 +19,7 @@ from qloraflow import shard as sharding
 from qloraflow.config import FinetuneConfig
 from qloraflow.data import prepare_dataset, report_html
 from tasks import policy
-from tasks.common import config_of, print_line, stage_tracker, work_dir
+from tasks.common import config_of, print_line, stage_run, work_dir
 
 DataOutput = typing.NamedTuple("DataOutput", [("data_dir", FlyteDirectory), ("report", str)])
 
@@ -82,16 +82,11 @@ def _record_options(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def _tracked(cfg: FinetuneConfig, out: Path, pipeline_run_id: str, prepare: typing.Callable[[], dict]) -> DataOutput:
     """Run the stage under its MLflow run; log the report and quarantine, and show the report as a Deck."""
-    tracker = stage_tracker(cfg, "data", pipeline_run_id)
-    try:
+    with stage_run(cfg, "data", pipeline_run_id) as tracker:
         report = prepare()
-    except Exception:
-        tracker.close("FAILED")
-        raise
-    tracker.log_metrics({k: v for k, v in _flat(report).items() if isinstance(v, (int, float))})
-    tracker.log_artifact(out / "report.json", "data")
-    tracker.log_artifact(out / "quarantine.jsonl", "data")
-    tracker.close()
+        tracker.log_metrics({k: v for k, v in _flat(report).items() if isinstance(v, (int, float))})
+        tracker.log_artifact(out / "report.json", "data")
+        tracker.log_artifact(out / "quarantine.jsonl", "data")
     Deck("data report", report_html(report))
     report["mlflow_run_id"] = tracker.run_id
     print_line("data", f"read {report.get('read')} kept {report.get('kept')} rejected {report.get('rejected')}")

@@ -1,4 +1,4 @@
-"""Merge task: fold the adapter into 16-bit base weights and verify the result."""
+"""Merge task: fold the adapter into 16-bit base weights, verify the result, evaluate what will be served."""
 
 from __future__ import annotations
 
@@ -11,39 +11,46 @@ from flytekit.types.directory import FlyteDirectory
 
 from qloraflow.errors import MergeVerificationError
 from qloraflow.evaluate import evaluate_model
-from qloraflow.merge import merge_adapter, verify_merge
+from qloraflow.merge import merge_and_verify, probe_rows
 from tasks import policy
-from tasks.common import config_of, print_line, stage_tracker, work_dir
+from tasks.common import config_of, print_line, stage_run, work_dir
 
 MergeOutput = typing.NamedTuple("MergeOutput", [("merged_dir", FlyteDirectory), ("report", str)])
 
 
 @task(cache=policy.cache("merge"), container_image=policy.TRAIN_IMAGE, requests=policy.EVAL_RESOURCES,
-      retries=policy.RETRIES)
+      accelerator=policy.TRAIN_ACCELERATOR, retries=policy.RETRIES)
 def merge_model(config_yaml: str, merge_key: str, train_dir: FlyteDirectory, data_dir: FlyteDirectory,
                 tok_dir: FlyteDirectory, candidate_metrics: str, pipeline_run_id: str) -> MergeOutput:
-    """Merged safetensors in the training dtype; fails unless logits and metrics match the adapter."""
+    """Merged safetensors in the training dtype; fails unless weights, outputs and metrics match the adapter."""
     cfg = config_of(config_yaml)
     adapter = Path(train_dir.download()) / "adapter"
     merged = work_dir("merge") / "merged_model"
-    info = merge_adapter(cfg.model.base_model, adapter, merged, cfg.model.compute_dtype)
     data, tok = data_dir.download(), tok_dir.download()
-    metrics, samples = evaluate_model(cfg, str(merged), data, tok)
-    prompts = [s["prompt"] for s in samples[:8]]
-    info["verify"] = verify_merge(cfg.model.base_model, adapter, merged, prompts, cfg.merge.logits_rtol,
-                                  cfg.model.compute_dtype)
-    gate = cfg.eval.gate_metric
-    adapter_metric = json.loads(candidate_metrics)["candidate"][gate]
-    drop = adapter_metric - metrics[gate]
-    if drop > cfg.merge.metric_tolerance:
-        raise MergeVerificationError(f"merged model scores {gate}={metrics[gate]:.4f}, the adapter {adapter_metric:.4f}: "
-                                     f"a drop of {drop:.4f} > merge.metric_tolerance {cfg.merge.metric_tolerance}")
-    info.update(metrics=metrics, samples=samples, metric_drop=drop)
-    tracker = stage_tracker(cfg, "merge", pipeline_run_id)
-    tracker.log_metrics({f"merged.{k}": v for k, v in metrics.items()})
-    tracker.log_metrics({"max_logit_diff": info["verify"]["max_logit_diff"], "merged_bytes": info["bytes"]})
-    tracker.close()
+    with stage_run(cfg, "merge", pipeline_run_id) as tracker:
+        info = merge_and_verify(cfg.model.base_model, adapter, merged, cfg.model.compute_dtype,
+                                probe_rows(tok, cfg.merge.probe_samples), cfg.merge.kl_factor)
+        result = evaluate_model(cfg, str(merged), data, tok)  # the model that is served
+        metrics = result.metrics
+        gate = cfg.eval.gate_metric
+        adapter_metric = json.loads(candidate_metrics)["candidate"][gate]
+        drop = adapter_metric - metrics[gate]
+        if drop > cfg.merge.metric_tolerance:
+            raise MergeVerificationError(f"merged model scores {gate}={metrics[gate]:.4f}, the adapter "
+                                         f"{adapter_metric:.4f}: a drop of {drop:.4f} > merge.metric_tolerance "
+                                         f"{cfg.merge.metric_tolerance}")
+        check = info["verify"]
+        info.update(metrics=metrics, samples=result.samples, metric_drop=drop,
+                    generation_tokens_per_s=result.tokens_per_s)
+        tracker.log_metrics({f"merged.{k}": v for k, v in metrics.items()})
+        tracker.log_metrics({"merge_mean_kl": check["outputs"]["mean_kl"], "merge_kl_bound": check["kl_bound"],
+                             "merge_greedy_agreement": check["outputs"]["greedy_agreement"],
+                             "merge_worst_ulps": check["weights"]["worst_ulps"],
+                             "merge_delta_lost_share": check["weights"]["delta_lost_share"],
+                             "merged_bytes": info["bytes"]})
     info["mlflow_run_id"] = tracker.run_id
-    print_line("merge", f"{merged} ({info['bytes'] / 2**20:.1f} MiB {info['dtype']}), max logit diff "
-                        f"{info['verify']['max_logit_diff']:.4f}, {gate} {metrics[gate]:.3f}")
+    print_line("merge", f"{merged} ({info['bytes'] / 2**20:.1f} MiB {info['dtype']}); weights within "
+                        f"{check['weights']['worst_ulps']:.2f} ulp of base + adapter; mean KL "
+                        f"{check['outputs']['mean_kl']:.2e} (bound {check['kl_bound']:.2e}), greedy agreement "
+                        f"{check['outputs']['greedy_agreement']:.2%}; {gate} {metrics[gate]:.3f}")
     return MergeOutput(merged_dir=FlyteDirectory(str(merged)), report=json.dumps(info, default=str))

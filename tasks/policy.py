@@ -1,8 +1,9 @@
 """Operational policy, in one place: images, resources, retries, caching, per kind of step.
 
-Cache versions are derived, never bumped by hand: each stage's version is the hash of the library
-modules that decide its result (plus this policy's own salt). Edit ``qloraflow/dedupe.py`` and the
-data stage and everything after it re-run; edit ``qloraflow/serve.py`` and only deployment does.
+Cache versions are derived, never bumped by hand: each stage's version is the hash of the code its
+task imports, followed through the package's imports (:func:`stage_files`), and of every earlier
+stage's. Edit ``qloraflow/dedupe.py`` and the data stage and everything after it re-run; edit
+``qloraflow/serve.py`` and only deployment does.
 Inputs that do not change a result (the MLflow run to log into, the full config text) are ignored
 by the cache key.
 """
@@ -51,30 +52,62 @@ TRAIN_INTERRUPTIBLE = True
 # Inputs that never change a stage's result.
 IGNORED = ("config_yaml", "pipeline_run_id")
 
-STAGE_MODULES = {
-    "data": ["config.py", "errors.py", "ingest.py", "clean.py", "dedupe.py", "data.py", "shard.py"],
-    "tokenize": ["tokenize.py"],
-    "train": ["train.py", "checkpoint.py", "unsloth_backend.py"],
-    "evaluate": ["evaluate.py"],
-    "merge": ["merge.py"],
-    "deploy": ["serve.py"],
-}
-# Task modules per stage where a stage has more than ``<stage>.py``.
-TASK_MODULES = {"train": ["train.py", "train_elastic.py"]}
+# Each stage's task modules. Its code version covers what they import from the package, transitively:
+# an edit of qloraflow/attention.py (imported by the training code) re-runs training and what follows.
+TASK_MODULES = {"data": ["data.py"], "tokenize": ["tokenize.py"], "train": ["train.py", "train_elastic.py"],
+                "evaluate": ["evaluate.py"], "merge": ["merge.py"], "deploy": ["deploy.py"]}
 # A stage's result depends on its own code and on every earlier stage's.
 ORDER = ["data", "tokenize", "train", "evaluate", "merge", "deploy"]
+# Operational policy (this file) never changes a result.
+NOT_RESULTS = {TASKS / "policy.py"}
+
+
+def imported_files(path: Path) -> set[Path]:
+    """The package's files (``qloraflow/``, ``tasks/``) that ``path`` imports, directly, lazily inside functions too."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            top, _, rest = name.partition(".")
+            root = {"qloraflow": LIBRARY, "tasks": TASKS}.get(top)
+            if root is None or not rest:
+                continue
+            candidate = root / (rest.replace(".", "/") + ".py")
+            if candidate.exists():
+                found.add(candidate)
+    return found
+
+
+def import_closure(paths: list[Path]) -> list[Path]:
+    """``paths`` and every package file they reach through imports, sorted."""
+    seen, todo = set(), list(paths)
+    while todo:
+        path = todo.pop()
+        if path in seen or path in NOT_RESULTS:
+            continue
+        seen.add(path)
+        todo.extend(imported_files(path) - seen)
+    return sorted(seen)
+
+
+def stage_files(stage: str) -> list[Path]:
+    """The code that decides a stage's result: the import closure of its tasks and of every earlier stage's."""
+    tasks = [TASKS / name for s in ORDER[: ORDER.index(stage) + 1] for name in TASK_MODULES[s]]
+    return import_closure([p for p in tasks if p.exists()])
 
 
 def code_version(stage: str) -> str:
-    """Hash of the library code that decides a stage's result (its own and earlier stages')."""
-    h = hashlib.sha256(b"policy-v1")
-    for s in ORDER[: ORDER.index(stage) + 1]:
-        files = [LIBRARY / name for name in STAGE_MODULES[s]] + [TASKS / n for n in TASK_MODULES.get(s, [f"{s}.py"])]
-        for p in files:
-            if p.exists():
-                h.update(p.name.encode())
-                h.update(p.read_bytes())
-    h.update((TASKS / "common.py").read_bytes())
+    """Hash of the code that decides a stage's result (:func:`stage_files`), names and bytes."""
+    h = hashlib.sha256(b"policy-v2")
+    for p in stage_files(stage):
+        h.update(p.relative_to(LIBRARY.parent).as_posix().encode())
+        h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
 

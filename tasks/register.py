@@ -23,7 +23,7 @@ from qloraflow import registry
 from qloraflow.evaluate import evaluate_model
 from qloraflow.tracking import MlflowTracker
 from tasks import policy
-from tasks.common import config_of, execution_id, print_line
+from tasks.common import config_of, execution_id, local_folder, print_line
 
 
 def _champion_metrics(cfg, client, data: str, tok: str, test_key: str) -> dict:  # noqa: ANN001
@@ -37,8 +37,7 @@ def _champion_metrics(cfg, client, data: str, tok: str, test_key: str) -> dict: 
     import mlflow
 
     local = mlflow.artifacts.download_artifacts(artifact_uri=current.source, tracking_uri=client.tracking_uri)
-    metrics, _ = evaluate_model(cfg, local, data, tok)
-    return metrics
+    return evaluate_model(cfg, local, data, tok).metrics
 
 
 @task(container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES)
@@ -66,7 +65,7 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
     version = registry.version_with_digest(client, name, merge["sha256"])
     created = False
     if version is None:  # upload outside the registry lock; register_once re-checks under it
-        tracker.log_artifact(merged_dir.download(), "merged_model")
+        tracker.log_artifact(local_folder(merged_dir), "merged_model")
         tracker.log_dict({"data": json.loads(data_report), "tokenize": json.loads(tok_report), "train": train,
                           "eval": results, "merge": {k: v for k, v in merge.items() if k != "samples"},
                           "deploy": deploy}, "pipeline_report.json")
@@ -91,7 +90,10 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
     summary = {"mlflow_run_id": pipeline_run_id, "flyte_execution_id": execution_id(), "data": reports["data"],
                "tokenize": reports["tokenize"]["splits"], "train": train, "eval": results, "stages": stages,
                "merged_dir": merged_dir.path, "merged_bytes": merge["bytes"],
-               "max_logit_diff": merge["verify"]["max_logit_diff"], "registry": {"model": name, "version": version,
+               "merge_check": {"worst_ulps": merge["verify"]["weights"]["worst_ulps"],
+                               "mean_kl": merge["verify"]["outputs"]["mean_kl"], "kl_bound": merge["verify"]["kl_bound"],
+                               "greedy_agreement": merge["verify"]["outputs"]["greedy_agreement"]},
+               "registry": {"model": name, "version": version,
                                                                                    **decision},
                "deploy": {"passed": deploy.get("passed"), "hf_agreement": deploy.get("hf_agreement", {}).get("share"),
                           "vllm_exact_match": _served_exact_match(merge, deploy),
@@ -169,6 +171,11 @@ def _example(merge: dict, deploy: dict) -> dict:
             "vllm_answer": deploy["chat_answers"][0]}
 
 
+# What each evaluation row measures: the gate compares ``merged``, the model that is served.
+ROWS = {"base": "16-bit base model", "candidate": "16-bit base + adapter, unmerged",
+        "merged": "adapter merged into the 16-bit base: what vLLM serves", "champion": "the registry's champion"}
+
+
 def format_summary(s: dict) -> str:
     d, t, e = s["data"], s["train"], s["eval"]
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(d.get("rejected_by_reason", {}).items()))
@@ -181,15 +188,18 @@ def format_summary(s: dict) -> str:
                                        for k, v in s["tokenize"].items()),
              f"train     {t.get('global_step')} steps  loss {t.get('train_loss_first'):.3f} -> "
              f"{t.get('train_loss_last'):.3f}  ({t.get('train_seconds')} s, {t.get('backend')})",
-             "eval      " + "".join(f"{k:>20}" for k in keys)]
-    for model in ("base", "candidate", "merged", "champion"):
+             "eval       " + "".join(f"{k:>20}" for k in keys)]
+    for model, what in ROWS.items():
         if e.get(model):
-            lines.append(f"  {model:<8}" + "".join(f"{e[model].get(k, float('nan')):>20.4f}" for k in keys))
+            lines.append(f"  {model:<9}" + "".join(f"{e[model].get(k, float('nan')):>20.4f}" for k in keys)
+                         + f"   {what}")
         elif model == "champion":
-            lines.append(f"  {model:<8}  (none yet)")
+            lines.append(f"  {model:<9}  (none yet)")
     r, dep = s["registry"], s["deploy"]
-    lines += [f"merged    {s['merged_dir']}  ({s['merged_bytes'] / 2**20:.1f} MiB, max logit diff "
-              f"{s['max_logit_diff']:.4f})",
+    m = s["merge_check"]
+    lines += [f"merged    {s['merged_dir']}  ({s['merged_bytes'] / 2**20:.1f} MiB; weights within "
+              f"{m['worst_ulps']:.2f} ulp of base + adapter, mean KL {m['mean_kl']:.2e} <= {m['kl_bound']:.2e}, "
+              f"greedy agreement {m['greedy_agreement']:.2%})",
               f"registry  {r['model']} version {r['version']}  promoted={r['promoted']}  ({r['reason']})",
               *([f"          serving manifests for the champion: {r['manifests']}"] if r.get("manifests") else []),
               f"vLLM      smoke {'passed' if dep['passed'] else 'FAILED'}  greedy answers identical to HF generate: "

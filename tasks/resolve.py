@@ -88,7 +88,7 @@ def stage_keys(cfg, fp: dict[str, str]) -> dict[str, str]:  # noqa: ANN001
         # Settings that only spread the work (shards, processes) give the same output: not in the keys.
         "data_key": _key(result_settings(cfg.data), cfg.seed, fp["data"], data_tok),
         "tokenize_key": _key(result_settings(cfg.tokenize), fp["tokenizer"]),
-        "train_key": _key(d["model"], d["lora"], d["train"], cfg.seed, fp["model"]),
+        "train_key": _key(d["model"], d["lora"], result_settings(cfg.train), cfg.seed, fp["model"]),
         "eval_key": _key(d["eval"], cfg.model.compute_dtype, fp["sqlite_db"]),
         "merge_key": _key(d["merge"], cfg.model.compute_dtype),
         "serve_key": _key(d["serve"]),

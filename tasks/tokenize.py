@@ -19,7 +19,7 @@ from qloraflow import shard as sharding
 from qloraflow.config import FinetuneConfig
 from qloraflow.tokenize import tokenize_dataset
 from tasks import policy
-from tasks.common import config_of, print_line, stage_tracker, work_dir
+from tasks.common import config_of, print_line, stage_run, work_dir
 
 TokenizeOutput = typing.NamedTuple("TokenizeOutput", [("tok_dir", FlyteDirectory), ("report", str)])
 
@@ -67,12 +67,11 @@ def merge_tokenize_shards(config_yaml: str, tokenize_key: str, data_dir: FlyteDi
 def _tracked(cfg: FinetuneConfig, out: Path, pipeline_run_id: str,
              tokenize: typing.Callable[[], dict]) -> TokenizeOutput:
     """Run the stage under its MLflow run; log the token counts and report, and show it as a Deck."""
-    tracker = stage_tracker(cfg, "tokenize", pipeline_run_id)
-    report = tokenize()
-    for split, r in report["splits"].items():
-        tracker.log_metrics({f"{split}.{k}": v for k, v in r.items()})
-    tracker.log_artifact(out / "report.json", "tokenize")
-    tracker.close()
+    with stage_run(cfg, "tokenize", pipeline_run_id) as tracker:
+        report = tokenize()
+        for split, r in report["splits"].items():
+            tracker.log_metrics({f"{split}.{k}": v for k, v in r.items()})
+        tracker.log_artifact(out / "report.json", "tokenize")
     Deck("tokenize report", "<pre>" + html.escape(json.dumps(report, indent=1)) + "</pre>")
     report["mlflow_run_id"] = tracker.run_id
     train = report["splits"].get("train", {})

@@ -1,8 +1,10 @@
 """Flyte's cache, for real: change one input at a time and check exactly which stages re-run.
 
-Six `pyflyte run` executions of the finetune workflow on one Flyte cache and one MLflow server, each
-after one change (none; the data file rewritten at the same path; train.learning_rate; the base
-model's chat template; the code of qloraflow/merge.py). Every execution's summary says, per stage,
+Eight `pyflyte run` executions of the finetune workflow on one Flyte cache and one MLflow server, each
+after one change (none; the data file rewritten at the same path; train.learning_rate;
+train.distributed, which only says how several GPUs would share the work; the base model's chat
+template; the code of qloraflow/merge.py; the code of qloraflow/attention.py, which only the training
+code imports). Every execution's summary says, per stage,
 "ran" or "cached (computed by pipeline run X)"; each must name exactly the stages the change
 reaches, and a cached stage must name the execution that last ran it. The runs use a snapshot of the
 project, so the code change is an edit of the snapshot, and the test checks it is the snapshot's
@@ -27,10 +29,13 @@ CHANGES = {
     "unchanged": set(),
     "data": set(STAGES),
     "config": {"train", "evaluate", "merge"},
+    "distributed": set(),  # execution-only: never in a cache key
     "tokenizer": {"tokenize", "train", "evaluate", "merge"},
     "code": {"merge"},
+    "attention": {"train", "evaluate", "merge"},  # found through train.py's imports, listed nowhere
 }
 MARKER = "[qloraflow:merge] code edited in the snapshot:"
+ATTENTION_MARKER = "[qloraflow:attention] code edited in the snapshot:"
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +65,8 @@ def executions(tmp_path_factory, mlflow_server, small_demo):
     execute("data")
     cfg["train"]["learning_rate"] = 1e-3
     execute("config")
+    cfg["train"]["distributed"] = "fsdp"
+    execute("distributed")
     template = TEMPLATES["chatml"].replace("message['role'] + '\n'", "message['role'] + ':\n'").replace(
         "'<|im_start|>assistant\n'", "'<|im_start|>assistant:\n'")
     assert template != TEMPLATES["chatml"] and (demo / "base-model" / "chat_template.jinja").exists()
@@ -68,6 +75,9 @@ def executions(tmp_path_factory, mlflow_server, small_demo):
     merge_py = project / "qloraflow" / "merge.py"
     merge_py.write_text(merge_py.read_text() + f'\nprint(f"{MARKER} {{__file__}}", flush=True)\n')
     execute("code")
+    attention_py = project / "qloraflow" / "attention.py"
+    attention_py.write_text(attention_py.read_text() + f'\nprint(f"{ATTENTION_MARKER} {{__file__}}", flush=True)\n')
+    execute("attention")
     return {"runs": runs, "project": project, "uri": mlflow_server}
 
 
@@ -97,6 +107,7 @@ def test_the_code_change_ran_from_the_snapshot(executions):
     out = executions["runs"]["code"]["out"]
     assert f"{MARKER} {executions['project'] / 'qloraflow' / 'merge.py'}" in out  # not the installed package
     assert MARKER not in executions["runs"]["tokenizer"]["out"]
+    assert ATTENTION_MARKER in executions["runs"]["attention"]["out"]
 
 
 def test_each_new_model_is_registered_once(executions):
@@ -110,5 +121,7 @@ def test_each_new_model_is_registered_once(executions):
     # the merge re-ran on edited code but wrote the same model bytes: no new version
     assert reg["code"]["version"] == reg["tokenizer"]["version"]
     assert reg["code"]["reason"] == "unchanged: already registered"
+    # retraining after the attention.py edit registers a version only if it trained other weights
+    extra = int(reg["attention"]["version"] not in new)
     client = registry.client_for(executions["uri"])
-    assert len(registry.list_versions(client, "cache-sql")) == 4
+    assert len(registry.list_versions(client, "cache-sql")) == 4 + extra
