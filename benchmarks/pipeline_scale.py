@@ -158,7 +158,6 @@ def stage_evaluate_merged(args: argparse.Namespace, cfg: Any) -> dict:
 
 def stage_controls(args: argparse.Namespace, cfg: Any) -> dict:
     """The three faults the merge check must find, at this size (weights checked exactly, streamed)."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     from qloraflow.merge import check_merged_weights, merge_adapter, weight_problems
@@ -207,7 +206,6 @@ def stage_controls(args: argparse.Namespace, cfg: Any) -> dict:
     merge_adapter(base, scaled, w / "merged-scaled", cfg.model.compute_dtype)
     check("adapter_scaled_1.5", base, w / "merged-scaled")
     shutil.rmtree(w / "merged-scaled")
-    del torch
     return out
 
 

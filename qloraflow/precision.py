@@ -25,20 +25,37 @@ _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32:
 _MAGNITUDE = {torch.int16: 0x7FFF, torch.int32: 0x7FFFFFFF}
 
 
-def compute_dtype(model: "ModelConfig") -> torch.dtype:
-    """The configured compute dtype, falling back to fp16 on GPUs without bf16."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch emulates it."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch: assume the hardware is there, as the config asks
+        return True
+
+
+def compute_dtype(model: "ModelConfig", use_cpu: bool = False) -> torch.dtype:
+    """The dtype training computes in: the configured one, with two fallbacks.
+
+    fp16 on GPUs without bf16; float32 when training on a CPU without native bf16 (AVX2 machines),
+    where emulated bf16 matrix products run about 10x slower than float32 ones (measured on a 2-core
+    AMD EPYC: a 4-layer demo step 6.2 s in bf16, 1.2 s in float32). Evaluation and the merge keep the
+    configured dtype: it is what the merged model is saved and served in.
+    """
     dtype = DTYPES[model.compute_dtype]
-    if dtype == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+    on_cpu = use_cpu or not torch.cuda.is_available()
+    if dtype == torch.bfloat16 and not on_cpu and not torch.cuda.is_bf16_supported():
         return torch.float16
+    if dtype != torch.float32 and on_cpu and not cpu_has_native_bf16():
+        return torch.float32
     return dtype
 
 
-def quantization_config(model: "ModelConfig") -> Any:
+def quantization_config(model: "ModelConfig", use_cpu: bool = False) -> Any:
     """bitsandbytes settings for ``model.quantization`` (NF4 with double quantisation for QLoRA), or None."""
     from transformers import BitsAndBytesConfig
 
     if model.quantization == "4bit":
-        dtype = compute_dtype(model)
+        dtype = compute_dtype(model, use_cpu)
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model.bnb_4bit_quant_type,
                                   bnb_4bit_use_double_quant=model.double_quant,
                                   bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)

@@ -90,8 +90,8 @@ def load_base_model(cfg: FinetuneConfig) -> Any:
     # Each process holds the whole (4-bit) model on its own GPU: DDP replicates it, FSDP shards it
     # once the Trainer wraps it (its 4-bit weights are stored in the compute dtype, so FSDP can).
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.base_model, revision=cfg.model.revision, quantization_config=quantization_config(cfg.model),
-        dtype=compute_dtype(cfg.model), attn_implementation=attention_implementation(cfg.model.attn_implementation),
+        cfg.model.base_model, revision=cfg.model.revision, quantization_config=quantization_config(cfg.model, cfg.train.use_cpu),
+        dtype=compute_dtype(cfg.model, cfg.train.use_cpu), attn_implementation=attention_implementation(cfg.model.attn_implementation),
         device_map={"": int(os.environ.get("LOCAL_RANK", "0"))} if _on_gpu(cfg) else {"": "cpu"})
     model.config.use_cache = False
     if cfg.model.quantization != "none" and cfg.model.upcast_unquantized_fp32:
@@ -173,7 +173,7 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, has_eval: bool) ->
     from trl import SFTConfig
 
     t = cfg.train
-    dtype = compute_dtype(cfg.model)
+    dtype = compute_dtype(cfg.model, cfg.train.use_cpu)
     evaluating = has_eval and t.eval_steps > 0
     return SFTConfig(
         output_dir=str(output_dir / "checkpoints"),
@@ -518,6 +518,7 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
         "best_checkpoint": trainer.state.best_model_checkpoint, "trainable_params": trainable,
         "resumed_from": str(resume_from) if resume_from else None, "train_seconds": round(seconds, 2),
         "tokens_seen": trainer.state.num_input_tokens_seen, "train_runtime_loss": training_loss,
+        "compute_dtype": str(compute_dtype(cfg.model, cfg.train.use_cpu)).removeprefix("torch."),
         "world_size": procs.num_processes, "adapter_sha256": digests[0], "adapter_sha256_by_rank": digests,
         **memory_metrics(),
     }

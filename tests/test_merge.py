@@ -155,3 +155,4 @@ except MergeError as e:
     assert proc.returncode == 3, proc.stdout + proc.stderr[-3000:]
     assert "could not write the merged model" in proc.stdout and "free space" in proc.stdout
     assert os.listdir(tmp_path) == []  # no partial model under the final name, no temporary left
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import uuid
 
@@ -125,9 +126,9 @@ def test_cli_lists_promotes_and_rolls_back(mlflow_server, tmp_path, capsys):
     assert main(uri + ["promote", "--name", name, "--version", v1]) == 0
     assert main(uri + ["promote", "--name", name, "--version", v2]) == 0
     capsys.readouterr()
-    assert main(uri + ["models", "--name", name]) == 0
-    listing = capsys.readouterr().out.splitlines()
-    assert [line[0] for line in listing] == [" ", "*"]  # v2 is champion
+    assert main(uri + ["models", "--name", name, "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [(r["version"], r["champion"]) for r in listing] == [(v1, False), (v2, True)]  # v2 is champion
     assert main(uri + ["rollback", "--name", name]) == 0
     assert f"champion version {v2} -> {v1}" in capsys.readouterr().out
     assert main(uri + ["promote", "--name", name, "--version", v1]) == 1  # does not beat itself: gate refuses

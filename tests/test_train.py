@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_config
+from qloraflow.precision import cpu_has_native_bf16
 from qloraflow import train as T
 
 
@@ -31,7 +32,8 @@ def test_4bit_layers_are_nf4_double_quant_and_training_touches_only_lora(tiny_mo
     for m in linear4:
         assert m.weight.quant_state.quant_type == "nf4"
         assert m.weight.quant_state.nested  # double quantisation of the constants
-        assert m.compute_dtype == torch.bfloat16
+        # bf16 as configured, or float32 on a CPU that only emulates bf16 (precision.compute_dtype)
+        assert m.compute_dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
 
     # Compare the state dict: bitsandbytes may repack 4-bit weights in memory for its CPU kernel, and
     # the state dict always holds the canonical NF4 bytes and quantisation constants.
@@ -176,3 +178,14 @@ def test_token_count_from_the_batch_shape_equals_the_trainers_count(tiny_model_d
         trainer.train()
         seen[name] = trainer.state.num_input_tokens_seen
     assert seen["host"] == seen["trainer"] == sum(len(ids) for ids in train_ds["input_ids"])
+
+
+def test_cpu_training_falls_back_to_float32_where_bf16_is_emulated(tiny_model_dir):
+    """The configured dtype on a CPU with bf16 hardware; float32 (10x faster there) on one without it."""
+    from qloraflow.precision import compute_dtype, cpu_has_native_bf16
+
+    cfg = tiny_config(tiny_model_dir)
+    assert cfg.model.compute_dtype == "bfloat16"
+    assert compute_dtype(cfg.model, use_cpu=True) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    cfg.model.compute_dtype = "float32"
+    assert compute_dtype(cfg.model, use_cpu=True) == torch.float32
