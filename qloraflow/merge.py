@@ -281,7 +281,7 @@ def adapter_deltas(adapter_dir: str | os.PathLike) -> tuple[dict[str, tuple[torc
 
 @torch.no_grad()
 def check_merged_weights(base_model: str, adapter_dir: str | os.PathLike, merged_dir: str | os.PathLike,
-                         dtype: torch.dtype) -> dict[str, Any]:
+                         dtype: torch.dtype, deltas: Optional[tuple[dict, list[str]]] = None) -> dict[str, Any]:
     """Every merged tensor against base + adapter, element by element (the bound is in the module docstring).
 
     Returns:
@@ -292,7 +292,7 @@ def check_merged_weights(base_model: str, adapter_dir: str | os.PathLike, merged
     from safetensors import safe_open
 
     device = accelerator()
-    deltas, notes = adapter_deltas(adapter_dir)
+    deltas, notes = deltas or adapter_deltas(adapter_dir)
     exact = not notes
     base = _tensor_files(_weight_files(base_model))
     merged = _tensor_files(sorted(Path(merged_dir).glob("*.safetensors")))
@@ -380,7 +380,8 @@ def verify_merge(base_model: str, adapter_dir: str | os.PathLike, merged_dir: st
             if bad:
                 problems.append(f"{shard.name} holds {sorted(bad)} tensors, expected {_st_name(dtype)}")
 
-    weights = check_merged_weights(base_model, adapter_dir, merged_dir, dtype)
+    factors = adapter_deltas(adapter_dir)  # read once: the weight check and the rounding probe both use it
+    weights = check_merged_weights(base_model, adapter_dir, merged_dir, dtype, factors)
     problems += weight_problems(weights)
     merged_bytes = _folder_bytes(merged_dir)
     if weights["expected_bytes"] and abs(merged_bytes - weights["expected_bytes"]) > 0.01 * weights["expected_bytes"]:
@@ -399,7 +400,7 @@ def verify_merge(base_model: str, adapter_dir: str | os.PathLike, merged_dir: st
     ours = next_token_logprobs(model, probe)
     outputs = compare_distributions(reference, ours)
     generator = torch.Generator(model.device).manual_seed(0)
-    adapted = {k.rsplit(".", 1)[0] for k in adapter_deltas(adapter_dir)[0]}
+    adapted = {k.rsplit(".", 1)[0] for k in factors[0]}
     for name, module in model.named_modules():
         if name in adapted:
             nudge_by_ulp(module.weight, generator)

@@ -17,7 +17,7 @@ from flytekit.types.directory import FlyteDirectory
 
 from qloraflow.train import train_adapter
 from tasks import policy
-from tasks.common import config_of, print_line, stage_tracker, work_dir
+from tasks.common import config_of, print_line, stage_run, work_dir
 
 TrainOutput = typing.NamedTuple("TrainOutput", [("train_dir", FlyteDirectory), ("summary", str)])
 RUN_ID_FILE = "mlflow_run_id"
@@ -35,23 +35,18 @@ def train_model(config_yaml: str, train_key: str, tok_dir: FlyteDirectory, pipel
     restored = store.restore(checkpoints) if store is not None else None  # the previous attempt's, if any
     run_file = checkpoints / RUN_ID_FILE
     run_id = run_file.read_text().strip() if restored and run_file.exists() else None
-    tracker = stage_tracker(cfg, "train", pipeline_run_id, run_id=run_id)
-    run_file.write_text(tracker.run_id)
 
     def save_checkpoints(folder: Path) -> None:
         if store is not None:
             store.save(folder)
 
-    try:
-        summary = train_adapter(cfg, tok_dir.download(), out, tracker=tracker, on_checkpoint=save_checkpoints)
-    except (ConnectionError, TimeoutError) as e:  # storage or network blips: the retry resumes
-        tracker.close("FAILED")
-        raise FlyteRecoverableException(f"training interrupted by {type(e).__name__}: {e}") from e
-    except Exception:
-        tracker.close("FAILED")
-        raise
-    tracker.log_artifact(out / "adapter", "adapter")
-    tracker.close()
+    with stage_run(cfg, "train", pipeline_run_id, run_id=run_id) as tracker:  # FAILED on any error
+        run_file.write_text(tracker.run_id)
+        try:
+            summary = train_adapter(cfg, tok_dir.download(), out, tracker=tracker, on_checkpoint=save_checkpoints)
+        except (ConnectionError, TimeoutError) as e:  # storage or network blips: the retry resumes
+            raise FlyteRecoverableException(f"training interrupted by {type(e).__name__}: {e}") from e
+        tracker.log_artifact(out / "adapter", "adapter")
     shutil.rmtree(checkpoints, ignore_errors=True)  # in the checkpoint store already; keep the output small
     summary["mlflow_run_id"] = tracker.run_id
     print_line("train", f"{summary['global_step']} steps, loss {summary['train_loss_first']:.3f} -> "
