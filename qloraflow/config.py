@@ -57,7 +57,8 @@ class DataConfig:
     test_fraction: float = _f(0.0, "Share of records for the test split when test_files is empty.")
     min_output_chars: int = _f(1, "Records whose answer is shorter than this (after cleaning) are rejected.")
     max_chars: int = _f(20000, "Records longer than this many characters in total are rejected.")
-    max_repetition: float = _f(0.5, "Reject records whose most frequent word 3-gram covers more than this share.")
+    max_repetition: float = _f(0.5, "Reject records in which more than this share of the words repeat a word "
+                                          "3-gram said earlier in the same text (loops; a clause said twice scores <= 0.5).")
     max_tokens: Optional[int] = _f(None, "Reject records with more tokens than this (base model's tokenizer); None: no limit.")
     redact_pii: bool = _f(False, "Replace e-mail addresses and phone numbers by placeholders.")
     near_dup_threshold: float = _f(0.8, "Estimated Jaccard similarity above which two records are near duplicates.")
@@ -65,6 +66,16 @@ class DataConfig:
     shingle_size: int = _f(3, "Words per shingle for MinHash.")
     near_dup_distinct_numbers: bool = _f(True, "Records that differ only in digit-bearing words (templated examples) "
                                                "are never near duplicates.")
+    near_dup_shared_line_records: int = _f(10, "Lines held verbatim (case aside) by at least this many records are "
+                                               "shared text (a system prompt, a database schema, a template) and "
+                                               "are left out when records are compared for near duplicates, so "
+                                               "that what they share cannot make two different examples copies; a "
+                                               "match must still reach near_dup_threshold on the full texts too. "
+                                               "0: compare full texts.")
+    near_dup_short_answer_words: int = _f(32, "Records whose answer (assistant turns) has fewer words than this are "
+                                              "near duplicates only if their answers have the same words: in a "
+                                              "short answer (a SQL query, a label) one word is another answer. "
+                                              "0: off.")
     dedupe_workers: Optional[int] = _f(None, "Processes computing MinHash signatures; None: every CPU.",
                                        execution_only=True)
     num_shards: int = _f(1, "1: one data task. N > 1: a Flyte map task over up to N shards of the inputs (JSONL "

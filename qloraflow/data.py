@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Union
 
 from qloraflow.clean import check_messages, clean_messages
 from qloraflow.config import result_settings
-from qloraflow.dedupe import EXACT_DUPLICATE, DedupeResult, dedupe_texts
+from qloraflow.dedupe import EXACT_DUPLICATE, DedupeResult, dedupe_texts, short_text_keys
 from qloraflow.errors import DataValidationError, EmptyDatasetError
 from qloraflow.ingest import Record, Rejected, input_files, read_source
 
@@ -108,6 +108,16 @@ def _quarantine_line(source: str, line: int, reason: str, detail: str, raw: Any,
 def record_text(messages: list[dict[str, str]]) -> str:
     """The text of a record that is measured, tokenized and deduplicated: its turns, one per line."""
     return "\n".join(m["content"] for m in messages)
+
+
+def answer_keys(cfg: Any, messages: list[list[dict[str, str]]]) -> Optional[list[int]]:
+    """Per record, the key of its answer when shorter than ``data.near_dup_short_answer_words``
+    (see :func:`qloraflow.dedupe.short_text_keys`): records with different short answers are never
+    near duplicates. None when the setting is off."""
+    if cfg.near_dup_short_answer_words <= 0:
+        return None
+    answers = ["\n".join(m["content"] for m in msgs if m["role"] == "assistant") for msgs in messages]
+    return short_text_keys(answers, cfg.near_dup_short_answer_words)
 
 
 @dataclass
@@ -196,6 +206,8 @@ def prepare_dataset(cfg: Any, out_dir: Union[str, Path], seed: int = 0, *, token
     dd = dedupe_texts([record_text(checked.cleaned[i]) for i in fit], exact_keys=ids,
                       threshold=cfg.near_dup_threshold, num_perm=cfg.minhash_num_perm,
                       shingle_size=cfg.shingle_size, distinct_numbers=distinct_numbers,
+                      shared_line_records=cfg.near_dup_shared_line_records,
+                      distinct_keys=answer_keys(cfg, [checked.cleaned[i] for i in fit]),
                       num_workers=num_workers, seed=MINHASH_SEED)
     return write_dataset(cfg, out_dir, seed, checked, ids, dd)
 
@@ -333,7 +345,11 @@ def _report(cfg: Any, seed: int, records: list[Record], quarantine: list[dict], 
         "dedupe": {"exact_duplicates": by_reason.get("exact_duplicate", 0),
                    "near_duplicates": by_reason.get("near_duplicate", 0),
                    "train_copies_of_test_removed": leaks, "lsh_bands": dd.lsh_params[0],
-                   "lsh_rows": dd.lsh_params[1]},
+                   "lsh_rows": dd.lsh_params[1],
+                   # Lines that many records share (data.near_dup_shared_line_records) are left out of
+                   # the comparison; shared_text_merges: records kept that comparing full texts removes.
+                   "shared_lines": dd.shared_lines, "records_with_shared_text": dd.records_with_shared_text,
+                   "shared_text_merges": dd.shared_text_merges},
         "length_histogram": {"unit": "characters", "edges": LENGTH_EDGES,
                              **{s: _histogram(lengths[s]) for s in SPLITS}},
         "near_duplicate_examples": examples,

@@ -15,6 +15,16 @@ from the two full signatures (what ``MinHash.jaccard`` computes) before anything
     result = dedupe_texts(texts, threshold=0.8, num_perm=128, shingle_size=3)
     removed = [(i, result.duplicate_of[i]) for i in range(len(texts)) if not result.kept[i]]
 
+Text that many records share (a system prompt, a database schema, a template: lines found
+verbatim in ``shared_line_records`` records or more) decides nothing: with it, records are compared
+on what varies, and a match must hold on the full texts as well (so shared text can keep records
+apart, never merge them). Only the records that share a band need signatures of what varies, so
+inputs without duplicates cost what they did. ``distinct_keys`` keeps records with different keys
+apart (the data stage keys short answers with :func:`short_text_keys`)::
+
+    result = dedupe_texts(texts, shared_line_records=10, distinct_keys=short_text_keys(answers, 32))
+    result.shared_text_merges  # records kept that comparing full texts would have removed
+
 ``python benchmarks/dedupe.py 10000`` measures throughput against datasketch used as its
 documentation shows.
 """
@@ -22,9 +32,11 @@ documentation shows.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import multiprocessing
 import os
-from collections import deque
+import re
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Hashable, Iterator, Optional, Sequence
 
@@ -52,6 +64,8 @@ _IN_PROCESS_BELOW = 5_000  # below this, forking a worker costs more than it sav
 # 0.8 / 128 permutations this gives 12 bands of 10 rows, which finds a pair at Jaccard 0.85 93% of
 # the time (datasketch's default 9 x 13 finds it 69% of the time).
 _LSH_WEIGHTS = (0.2, 0.8)
+VARYING, SHARED, SEAM = 0, 1, 2  # kinds of shingle, where shared lines are known (see _shingles)
+_WORDS = re.compile("[a-z0-9_\u0080-\U0010ffff]+")  # a word as _BYTE_CLASS splits them, on lowercased text
 _PREFILTER = True  # offer the index only records that share a band (see shares_a_band); off to test it
 
 
@@ -92,6 +106,49 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
     return _pow_cache["pow"], _pow_cache["inv"]
 
 
+def shared_lines(texts: Sequence[str], min_records: int) -> frozenset[bytes]:
+    """The lines that at least ``min_records`` of the texts contain: their shared text.
+
+    A system prompt, a database schema or a template's fixed lines recur verbatim in many records,
+    while near copies of one another differ inside their lines. Lines are compared lowercased (as
+    shingles are) and counted once per text; lines without a letter or digit never count.
+
+    Args:
+        texts: The texts (each line of a text is one of its turns, or part of one).
+        min_records: Texts a line must be in to be shared (< 2: none is).
+
+    Returns:
+        The shared lines, lowercased and UTF-8 encoded (what :func:`shingle_hashes` marks).
+    """
+    if min_records < 2:
+        return frozenset()
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(set(text.lower().split("\n")))
+    return frozenset(line.encode("utf-8", "surrogatepass") for line, n in counts.items()
+                     if n >= min_records and any(c.isalnum() for c in line))
+
+
+def short_text_keys(texts: Sequence[str], max_words: int) -> list[int]:
+    """Per text, a 64-bit key of its words when it has fewer than ``max_words`` (else 0).
+
+    Words are split as in :func:`shingle_hashes` (lowercased; punctuation and spacing ignored), so
+    ``"SELECT name FROM t;"`` and ``"select name from t"`` share a key. Given as ``distinct_keys`` to
+    :func:`dedupe_texts`, it makes short texts that differ in a word never near duplicates: one
+    word of a six-word answer can be the whole answer (another column, another label), which
+    word 3-gram Jaccard cannot tell from a typo. Empty texts get 0.
+    """
+    keys = []
+    for text in texts:
+        words = _WORDS.findall(text.lower())
+        if not words or len(words) >= max_words:
+            keys.append(0)
+            continue
+        digest = hashlib.blake2b(" ".join(words).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        keys.append(int.from_bytes(digest, "little") or 1)
+    return keys
+
+
 def shingle_hashes(texts: Sequence[str], shingle_size: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """64-bit hashes of the word shingles of many texts, computed for all of them at once.
 
@@ -109,6 +166,13 @@ def shingle_hashes(texts: Sequence[str], shingle_size: int = 3) -> tuple[np.ndar
         ``number_keys[i]`` hashes the sequence of words that contain a digit (0 when none), so
         two texts that differ only in a number have different keys.
     """
+    return _shingles(texts, shingle_size)[:3]
+
+
+def _shingles(texts: Sequence[str], shingle_size: int, shared: frozenset[bytes] = frozenset()
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """:func:`shingle_hashes`, and per shingle its kind: VARYING, SHARED (all its words lie in
+    ``shared`` lines) or SEAM (some do); None when no text has a shared line."""
     if shingle_size < 1:
         raise ValueError(f"shingle_size must be >= 1, got {shingle_size}")
     n = len(texts)
@@ -164,7 +228,48 @@ def shingle_hashes(texts: Sequence[str], shingle_size: int = 3) -> tuple[np.ndar
         group_start = np.searchsorted(owner, owner, side="left")
         rank = (np.arange(len(numeric)) - group_start + 1).astype(_U64)
         np.add.at(number_keys, owner, _fmix64(words[numeric] ^ (rank * _U64(0x9E3779B97F4A7C15))))
-    return hashes, offsets, number_keys
+    in_shared = _in_shared_lines(buf, prefix, inv, shared, w_start) if shared else None
+    if in_shared is None:
+        return hashes, offsets, number_keys, None
+    # A shingle varies when none of its words is in a shared line, is shared when all are, and is
+    # a seam (a shared line's end joined to what follows) otherwise.
+    in_shared_words = np.zeros(len(words) + 1, dtype=np.int64)
+    np.cumsum(in_shared, out=in_shared_words[1:])
+    window_end = np.minimum(pos + k, end_of_text)
+    shared_words = (in_shared_words[window_end] - in_shared_words[pos])[keep]
+    kind = np.where(shared_words == 0, VARYING, np.where(shared_words == (window_end - pos)[keep], SHARED, SEAM))
+    return hashes, offsets, number_keys, kind.astype(np.int8)
+
+
+def _in_shared_lines(buf: np.ndarray, prefix: np.ndarray, inv: np.ndarray, shared: frozenset[bytes],
+                     w_start: np.ndarray) -> Optional[np.ndarray]:
+    """Per word (by its first byte in the joined buffer): inside one of the ``shared`` lines? None
+    when no line is one. Lines are matched by a 64-bit hash of their bytes, the words' rolling hash."""
+    breaks = np.flatnonzero((buf == 0x0A) | (buf == 0))  # \n, and the \x00 around every text
+    starts, ends = breaks[:-1] + 1, breaks[1:]
+    line_is_shared = np.isin(_fmix64((prefix[ends] - prefix[starts]) * inv[starts]), _line_hashes(shared))
+    if not line_is_shared.any():
+        return None
+    return line_is_shared[np.maximum(np.searchsorted(starts, w_start, side="right") - 1, 0)]
+
+
+_line_hash_cache: dict[frozenset, np.ndarray] = {}
+
+
+def _line_hashes(lines: frozenset[bytes]) -> np.ndarray:
+    """The hashes :func:`_in_shared_lines` gives these lines (cached: a worker gets the same set per chunk)."""
+    if lines not in _line_hash_cache:
+        ordered = sorted(lines)
+        buf = np.frombuffer(b"\x00" + b"\x00".join(ordered) + b"\x00", dtype=np.uint8)
+        pw, inv = _powers(len(buf))
+        prefix = np.zeros(len(buf) + 1, dtype=_U64)
+        np.multiply(buf, pw[: len(buf)], out=prefix[1:], dtype=_U64)
+        np.cumsum(prefix, out=prefix)
+        starts = np.cumsum([0] + [len(x) + 1 for x in ordered[:-1]]) + 1
+        ends = starts + np.array([len(x) for x in ordered], dtype=np.int64)
+        _line_hash_cache.clear()  # one set per run
+        _line_hash_cache[lines] = np.sort(_fmix64((prefix[ends] - prefix[starts]) * inv[starts]))
+    return _line_hash_cache[lines]
 
 
 def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -195,11 +300,47 @@ def minhash_signatures(texts: Sequence[str], num_perm: int = 128, shingle_size: 
         scheme="affine32", hashfunc=int)`` updated with text ``i``'s 64-bit shingle hashes folded to
         32 bits (``h ^ h >> 32``); rows of texts without words are all ``2**32 - 1``.
     """
+    return _minhash(texts, num_perm, shingle_size, seed)[:3]
+
+
+def _minhash(texts: Sequence[str], num_perm: int, shingle_size: int, seed: int, shared: frozenset[bytes] = frozenset()
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[tuple[np.ndarray, ...]]]:
+    """:func:`minhash_signatures`, and the signatures of what varies when ``shared`` lines occur.
+
+    The fourth value is None when no text holds a shared line; else ``(varying, unseamed, touches)``:
+    row ``i`` of ``varying`` is the signature of text ``i``'s VARYING shingles, of ``unseamed`` that
+    of its VARYING and SHARED ones (the full text less the seams, whose words depend on which
+    shared line ends where); a text without VARYING shingles gets its full signature in both;
+    ``touches[i]``: text ``i`` has a SHARED or SEAM shingle. Each kind of shingle is permuted once
+    and the full signature is the minimum of the three, so this costs what the full one alone does.
+    """
     a, b = permutations(num_perm, seed)
-    a, b = a[:, None], b[:, None]
-    hashes, offsets, number_keys = shingle_hashes(texts, shingle_size)
+    hashes, offsets, number_keys, kind = _shingles(texts, shingle_size, shared)
     x = _fmix32((hashes ^ (hashes >> _U64(32))).astype(_U32))
-    n = len(texts)
+    has = offsets[1:] > offsets[:-1]
+    if kind is None:
+        return _min_hashes(x, offsets, a, b), has, number_keys, None
+    owner = np.repeat(np.arange(len(texts)), np.diff(offsets))
+    parts = []
+    for k in (VARYING, SHARED, SEAM):  # each kind's shingles, still grouped by text and in order
+        mask = kind == k
+        part_offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(owner[mask], minlength=len(texts)), out=part_offsets[1:])
+        parts.append((_min_hashes(x[mask], part_offsets, a, b), part_offsets))
+    (varying, v_offsets), (shared_only, s_offsets), (seams, m_offsets) = parts
+    unseamed = np.minimum(varying, shared_only)
+    full = np.minimum(unseamed, seams)
+    only_shared = v_offsets[1:] == v_offsets[:-1]
+    varying[only_shared] = unseamed[only_shared] = full[only_shared]
+    touches = (s_offsets[1:] > s_offsets[:-1]) | (m_offsets[1:] > m_offsets[:-1])
+    return full, has, number_keys, (varying, unseamed, touches)
+
+
+def _min_hashes(x: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(texts, permutations)`` minima of ``a * x + b`` over each text's ``x[offsets[i]:offsets[i + 1]]``
+    (all ``2**32 - 1`` for a text without any)."""
+    n, num_perm = len(offsets) - 1, len(a)
+    a, b = a[:, None], b[:, None]
     sigs = np.full((num_perm, n), np.iinfo(_U32).max, dtype=_U32)
     has = offsets[1:] > offsets[:-1]
     # Blocks of whole records with about _SIG_BLOCK shingles keep the (permutations x shingles)
@@ -218,7 +359,7 @@ def minhash_signatures(texts: Sequence[str], num_perm: int = 128, shingle_size: 
         np.multiply(a, xs[None, :], out=m)
         m += b
         sigs[:, rows] = np.minimum.reduceat(m, offsets[rows] - offsets[lo], axis=1)
-    return np.ascontiguousarray(sigs.T), has, number_keys
+    return np.ascontiguousarray(sigs.T)
 
 
 def jaccard(text_a: str, text_b: str, shingle_size: int = 3) -> float:
@@ -238,12 +379,19 @@ class DedupeResult:
         reason: ``"exact_duplicate"``, ``"near_duplicate"`` or None (kept).
         similarity: Estimated Jaccard similarity to ``duplicate_of`` (1.0 for exact duplicates).
         lsh_params: ``(bands, rows)`` of the LSH index used.
+        shared_lines: Distinct lines taken as shared text (see :func:`dedupe_texts`).
+        records_with_shared_text: Records (after exact deduplication) holding a shared line.
+        shared_text_merges: Records kept that comparing full texts would have removed as near
+            duplicates: what the shared text alone would have merged.
     """
 
     duplicate_of: np.ndarray
     reason: list[Optional[str]]
     similarity: np.ndarray
     lsh_params: tuple[int, int] = (0, 0)
+    shared_lines: int = 0
+    records_with_shared_text: int = 0
+    shared_text_merges: int = 0
 
     @property
     def kept(self) -> np.ndarray:
@@ -259,32 +407,60 @@ def band_keys(sigs: np.ndarray, hashranges: Sequence[tuple[int, int]]) -> np.nda
     return out
 
 
-def _signature_chunk(args: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Signatures (salted by number keys when numbers must match), and their band keys if asked.
+def _fold(keys: np.ndarray) -> np.ndarray:
+    """uint64 keys folded to the uint32 that salts a signature (XOR-linear: fold(a ^ b) = fold(a) ^ fold(b))."""
+    return (keys ^ (keys >> _U64(32))).astype(_U32)
+
+
+def _salted(numbers: np.ndarray, distinct: Optional[np.ndarray], distinct_numbers: bool) -> np.ndarray:
+    """The keys that must match: number keys (when ``distinct_numbers``) XOR ``distinct_keys``."""
+    if not distinct_numbers:
+        numbers[:] = 0
+    if distinct is not None:
+        numbers ^= distinct
+    return numbers
+
+
+def _signature_chunk(args: tuple) -> tuple[np.ndarray, ...]:
+    """Signatures salted by the keys that must match (number keys, ``distinct_keys``), has-shingles,
+    those keys, and band keys if asked.
 
     The worker entry point: module level so it pickles.
     """
-    texts, num_perm, shingle_size, seed, distinct_numbers, hashranges = args
-    sigs, has, numbers = minhash_signatures(texts, num_perm, shingle_size, seed)
-    if distinct_numbers:
-        sigs ^= (numbers ^ (numbers >> _U64(32))).astype(_U32)[:, None]
-    else:
-        numbers[:] = 0
+    texts, distinct, num_perm, shingle_size, seed, distinct_numbers, hashranges = args
+    sigs, has, numbers, _ = _minhash(texts, num_perm, shingle_size, seed)
+    numbers = _salted(numbers, distinct, distinct_numbers)
+    sigs ^= _fold(numbers)[:, None]
     keys = band_keys(sigs, hashranges) if hashranges else np.empty((len(texts), 0), dtype=_U64)
     return sigs, has, numbers, keys
 
 
-def _signature_stream(texts: Sequence[str], args: tuple, num_workers: int,
+def _varying_chunk(args: tuple) -> tuple[np.ndarray, ...]:
+    """For texts that may hold ``shared`` lines: the salted signatures of what varies and of the
+    full text less its seams (see :func:`_minhash`; the full signature where no line is shared),
+    and whether each text touches shared text. The worker entry point for those."""
+    texts, distinct, num_perm, shingle_size, seed, distinct_numbers, shared = args
+    full, _, numbers, parts = _minhash(texts, num_perm, shingle_size, seed, shared)
+    salt = _fold(_salted(numbers, distinct, distinct_numbers))[:, None]
+    if parts is None:
+        full ^= salt
+        return full, full, np.zeros(len(texts), dtype=bool)
+    return parts[0] ^ salt, parts[1] ^ salt, parts[2]
+
+
+def _signature_stream(fn, texts: Sequence[str], distinct: Optional[np.ndarray], args: tuple, num_workers: int,
                       chunk_size: int) -> Iterator[tuple[np.ndarray, ...]]:
-    """:func:`_signature_chunk` over ``texts`` chunk by chunk, in order; in worker processes when asked.
+    """``fn`` (:func:`_signature_chunk`, :func:`_varying_chunk`) over ``texts`` chunk by chunk, in
+    order; in worker processes when asked.
 
     At most ``2 * num_workers + 1`` chunks are in flight, so memory stays bounded whatever the
     input size.
     """
-    chunks = (list(texts[i: i + chunk_size]) for i in range(0, len(texts), chunk_size))
+    chunks = ((list(texts[i: i + chunk_size]), None if distinct is None else distinct[i: i + chunk_size])
+              for i in range(0, len(texts), chunk_size))
     if num_workers < 1:
         for chunk in chunks:
-            yield _signature_chunk((chunk, *args))
+            yield fn((*chunk, *args))
         return
     # fork where there is one: spawn and forkserver re-import the caller's __main__, so a script
     # without an `if __name__ == "__main__"` guard would start over in every worker. The workers
@@ -293,7 +469,7 @@ def _signature_stream(texts: Sequence[str], args: tuple, num_workers: int,
     with cf.ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.submit(_signature_chunk, (chunk, *args)))
+            pending.append(pool.submit(fn, (*chunk, *args)))
             if len(pending) > 2 * num_workers:
                 yield pending.popleft().result()
         while pending:
@@ -329,12 +505,14 @@ class _NearDuplicateIndex:
     verified, and it is either reported as a near duplicate or inserted.
     """
 
-    def __init__(self, num_perm: int, threshold: float, seed: int):
+    def __init__(self, num_perm: int, threshold: float, seed: int, params: Optional[tuple[int, int]] = None):
         from datasketch import LeanMinHash, MinHashLSH  # lazy: scipy makes this a 1 s import
 
         self.signatures = np.empty((0, num_perm), dtype=_U32)
+        self.check: Optional[np.ndarray] = None  # signatures a match must also reach the threshold on
         self.numbers = np.empty(0, dtype=_U64)
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=_LSH_WEIGHTS)
+        # params: the (bands, rows) of another index, which spares optimising them again (20 ms)
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=_LSH_WEIGHTS, params=params)
         self.threshold, self.seed = threshold, seed
         self._sketch_type = LeanMinHash
 
@@ -354,17 +532,22 @@ class _NearDuplicateIndex:
             if self.numbers[c] != self.numbers[p]:
                 continue  # the salts collided; the numbers still differ
             sim = np.count_nonzero(self.signatures[c] == sig) / len(sig)
-            if sim >= self.threshold and (sim > best_sim or (sim == best_sim and c < best)):
+            if (sim >= self.threshold and (sim > best_sim or (sim == best_sim and c < best))
+                    and (self.check is None or self._check_similarity(c, p) >= self.threshold)):
                 best, best_sim = c, sim
         if best >= 0:
             return best, best_sim
         self.lsh.insert(p, sketch, check_duplication=False)
         return None
 
+    def _check_similarity(self, c: int, p: int) -> float:
+        return np.count_nonzero(self.check[c] == self.check[p]) / self.check.shape[1]
+
 
 def dedupe_texts(texts: Sequence[str], *, exact_keys: Optional[Sequence[Hashable]] = None,
                  threshold: float = 0.8, num_perm: int = 128, shingle_size: int = 3,
-                 distinct_numbers: bool = True, num_workers: Optional[int] = None,
+                 distinct_numbers: bool = True, shared_line_records: int = 0,
+                 distinct_keys: Optional[Sequence[int]] = None, num_workers: Optional[int] = None,
                  chunk_size: int = 500, seed: int = 1) -> DedupeResult:
     """Mark exact and near duplicates, keeping the first record of each cluster.
 
@@ -376,6 +559,19 @@ def dedupe_texts(texts: Sequence[str], *, exact_keys: Optional[Sequence[Hashable
     the most similar candidate at or above ``threshold`` (the earliest on ties), or kept and
     inserted. Removed records are never inserted, so ``duplicate_of`` always names a kept record.
 
+    Shared text: with ``shared_line_records`` >= 2, a line that many records hold verbatim (a
+    system prompt, a database schema, a template's fixed lines; see :func:`shared_lines`) is
+    context, not content. The records that share a band are then compared on their shingles that
+    touch no shared line (the index holds those signatures, so records that share only such text
+    do not even meet), and a match must also reach ``threshold`` on the full texts less the seams
+    between shared and other lines: leaving shared text out can only keep records that the full
+    texts would merge, never merge records they keep apart (one question under two schemas is two
+    examples). A record made only of shared lines is compared on its full text. Near copies of one
+    another differ inside their lines, so they are found as before; what this misses is a cluster
+    of more than ``shared_line_records`` multi-line copies each edited in another line (their
+    untouched lines become shared text). ``shared_text_merges`` counts the records kept that the
+    full texts alone would have removed (a second pass, on the same signatures).
+
     Args:
         texts: Normalised record texts, in priority order (earlier wins).
         exact_keys: Identity of each record for exact deduplication (e.g. a content hash).
@@ -385,6 +581,9 @@ def dedupe_texts(texts: Sequence[str], *, exact_keys: Optional[Sequence[Hashable
         distinct_numbers: When true, records whose digit-bearing words differ (templated examples
             such as "rows where age > 30" vs "> 31") are never near duplicates: their number key
             salts the signature, so they do not even meet in the index.
+        shared_line_records: Records a line must be in to be shared text (< 2: compare full texts).
+        distinct_keys: Per record, a uint64 key (0: none); records with different keys are never
+            near duplicates (salted in like number keys). The data stage keys short answers.
         num_workers: Processes that compute signatures; 0: compute them here. Default: one per
             CPU, and 0 for inputs under 5,000 records (starting workers costs more than it saves).
         chunk_size: Records per worker task.
@@ -394,12 +593,15 @@ def dedupe_texts(texts: Sequence[str], *, exact_keys: Optional[Sequence[Hashable
         A :class:`DedupeResult` indexed like ``texts``.
     """
     result, unique = _exact_duplicates(texts if exact_keys is None else exact_keys)
+    kept = [texts[i] for i in unique]
+    distinct = _rows(distinct_keys, unique)
     index = _NearDuplicateIndex(num_perm, threshold, seed)
     # Pass 1: signatures and band keys of every remaining record, on all CPUs.
     signatures, has, numbers, keys = _signatures(
-        [texts[i] for i in unique], (num_perm, shingle_size, seed, distinct_numbers, index.lsh.hashranges),
-        num_workers, chunk_size)
-    return _near_duplicates(result, unique, index, signatures, has, numbers, keys)
+        kept, distinct, (num_perm, shingle_size, seed, distinct_numbers, index.lsh.hashranges), num_workers, chunk_size)
+    shared = shared_lines(kept, shared_line_records)
+    return _decide(result, unique, index, signatures, has, numbers, keys,
+                   _SharedText(shared, kept, distinct, (shingle_size, distinct_numbers), num_workers, chunk_size))
 
 
 def record_signatures(texts: Sequence[str], *, num_perm: int = 128, shingle_size: int = 3,
@@ -417,13 +619,19 @@ def record_signatures(texts: Sequence[str], *, num_perm: int = 128, shingle_size
         shingle and its uint64 number key (0 unless ``distinct_numbers``).
     """
     signatures, has, numbers, _ = _signatures(
-        texts, (num_perm, shingle_size, seed, distinct_numbers, None), num_workers, chunk_size)
+        texts, None, (num_perm, shingle_size, seed, distinct_numbers, None), num_workers, chunk_size)
     return signatures, has, numbers
 
 
 def dedupe_signatures(exact_keys: Sequence[Hashable], signatures: np.ndarray, has: np.ndarray,
-                      numbers: np.ndarray, *, threshold: float = 0.8, seed: int = 1) -> DedupeResult:
+                      numbers: np.ndarray, *, threshold: float = 0.8, seed: int = 1,
+                      distinct_keys: Optional[Sequence[int]] = None, texts: Optional[Sequence[str]] = None,
+                      shared_line_records: int = 0, shingle_size: int = 3, distinct_numbers: bool = True,
+                      num_workers: Optional[int] = None) -> DedupeResult:
     """:func:`dedupe_texts` from :func:`record_signatures` of the same texts: the same result.
+
+    Shared lines need every record's text: with ``texts`` and ``shared_line_records``, the
+    signatures of what varies are computed here, for the records that share a band.
 
     Args:
         exact_keys: Identity of each record for exact deduplication, in priority order.
@@ -433,6 +641,10 @@ def dedupe_signatures(exact_keys: Sequence[Hashable], signatures: np.ndarray, ha
         numbers: ``record_signatures(texts)[2]``.
         threshold: Jaccard similarity at or above which two records are near duplicates.
         seed: The MinHash permutation seed the signatures were made with.
+        distinct_keys, shared_line_records: As in :func:`dedupe_texts`.
+        texts: The records' texts (needed for shared lines).
+        shingle_size, distinct_numbers: What the signatures were made with.
+        num_workers: Processes for the signatures of what varies.
 
     Returns:
         A :class:`DedupeResult` indexed like ``exact_keys``.
@@ -440,9 +652,20 @@ def dedupe_signatures(exact_keys: Sequence[Hashable], signatures: np.ndarray, ha
     result, unique = _exact_duplicates(exact_keys)
     index = _NearDuplicateIndex(signatures.shape[1], threshold, seed)
     rows = np.asarray(unique, dtype=np.int64)
-    kept_signatures = signatures[rows]
-    return _near_duplicates(result, unique, index, kept_signatures, has[rows], numbers[rows],
-                            band_keys(kept_signatures, index.lsh.hashranges))
+    kept_signatures, has, numbers = signatures[rows], has[rows], numbers[rows]  # copies: salted below
+    distinct = _rows(distinct_keys, unique)
+    if distinct is not None:
+        numbers ^= distinct
+        kept_signatures ^= _fold(distinct)[:, None]
+    kept = [texts[i] for i in unique] if texts is not None else []
+    shared = shared_lines(kept, shared_line_records)
+    return _decide(result, unique, index, kept_signatures, has, numbers,
+                   band_keys(kept_signatures, index.lsh.hashranges),
+                   _SharedText(shared, kept, distinct, (shingle_size, distinct_numbers), num_workers, 500))
+
+
+def _rows(keys: Optional[Sequence[int]], unique: list[int]) -> Optional[np.ndarray]:
+    return None if keys is None else np.asarray(keys, dtype=_U64)[np.asarray(unique, dtype=np.int64)]
 
 
 def _exact_duplicates(keys: Sequence[Hashable]) -> tuple[DedupeResult, list[int]]:
@@ -460,22 +683,91 @@ def _exact_duplicates(keys: Sequence[Hashable]) -> tuple[DedupeResult, list[int]
     return result, unique
 
 
-def _signatures(texts: Sequence[str], args: tuple, num_workers: Optional[int],
-                chunk_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_signature_chunk` over all ``texts``, stacked: in worker processes for large inputs."""
-    num_perm, hashranges = args[0], args[-1]
-    n = len(texts)
-    arrays = (np.empty((n, num_perm), dtype=_U32), np.zeros(n, dtype=bool), np.zeros(n, dtype=_U64),
-              np.empty((n, len(hashranges) if hashranges else 0), dtype=_U64))
+def _signatures(texts: Sequence[str], distinct: Optional[np.ndarray], args: tuple, num_workers: Optional[int],
+                chunk_size: int, fn=_signature_chunk) -> tuple[np.ndarray, ...]:
+    """``fn`` over all ``texts``, stacked: in worker processes for large inputs.
+
+    :func:`_signature_chunk`: ``(signatures, has, numbers, band keys)``; :func:`_varying_chunk`:
+    ``(varying, unseamed, touches)``.
+    """
+    num_perm, n = args[0], len(texts)
+    if fn is _signature_chunk:
+        hashranges = args[-1]
+        arrays = (np.empty((n, num_perm), dtype=_U32), np.zeros(n, dtype=bool), np.zeros(n, dtype=_U64),
+                  np.empty((n, len(hashranges) if hashranges else 0), dtype=_U64))
+    else:
+        arrays = (np.empty((n, num_perm), dtype=_U32), np.empty((n, num_perm), dtype=_U32), np.zeros(n, dtype=bool))
     workers = default_workers() if num_workers is None else num_workers
     if n < _IN_PROCESS_BELOW:
         workers = 0
     pos = 0
-    for chunk in _signature_stream(texts, args, workers, chunk_size):
+    for chunk in _signature_stream(fn, texts, distinct, args, workers, chunk_size):
         for array, part in zip(arrays, chunk):
             array[pos: pos + len(part)] = part
         pos += len(chunk[0])
     return arrays
+
+
+@dataclass
+class _SharedText:
+    """What :func:`_decide` needs to compare records on what varies: the shared lines, the texts
+    (after exact deduplication), their ``distinct_keys``, and how to make signatures."""
+
+    lines: frozenset[bytes]
+    texts: Sequence[str]
+    distinct: Optional[np.ndarray]
+    options: tuple[int, bool]  # shingle_size, distinct_numbers
+    num_workers: Optional[int]
+    chunk_size: int
+
+
+def _decide(result: DedupeResult, unique: list[int], index: _NearDuplicateIndex, signatures: np.ndarray,
+            has: np.ndarray, numbers: np.ndarray, keys: np.ndarray, shared: _SharedText) -> DedupeResult:
+    """Pass 2 on the full texts' signatures; with shared lines, on what varies instead.
+
+    Only records that share a band of their full signatures can be or have a duplicate (the
+    prefilter of pass 2), so only theirs are made again without the shared lines; the others'
+    rows stay as they are. The full-text pass runs as well, to count what it would have removed.
+    """
+    if not shared.lines:
+        return _near_duplicates(result, unique, index, signatures, has, numbers, keys)
+    alone = DedupeResult(result.duplicate_of.copy(), list(result.reason), result.similarity.copy())  # exact only
+    candidates = shares_a_band(keys, has) if _PREFILTER else has
+    rows = np.flatnonzero(candidates)
+    varying, unseamed, _ = _signatures(
+        [shared.texts[r] for r in rows.tolist()], None if shared.distinct is None else shared.distinct[rows],
+        (signatures.shape[1], shared.options[0], index.seed, shared.options[1], shared.lines),
+        shared.num_workers, shared.chunk_size, fn=_varying_chunk)
+    compare, index.check = signatures.copy(), signatures.copy()
+    compare[rows], index.check[rows] = varying, unseamed
+    compare_keys = keys.copy()
+    compare_keys[rows] = band_keys(varying, index.lsh.hashranges)
+    _near_duplicates(result, unique, index, compare, candidates, numbers, compare_keys)
+    result.shared_lines = len(shared.lines)
+    result.records_with_shared_text = _count_with_shared_lines(shared.texts, shared.lines)
+    kept = result.kept[np.asarray(unique, dtype=np.int64)]
+    if _follows_a_band_mate(keys, candidates, kept):
+        _near_duplicates(alone, unique, _NearDuplicateIndex(signatures.shape[1], index.threshold, index.seed,
+                                                            (index.lsh.b, index.lsh.r)), signatures, has, numbers, keys)
+        result.shared_text_merges = sum(r is None and a == NEAR_DUPLICATE for r, a in zip(result.reason, alone.reason))
+    return result
+
+
+def _follows_a_band_mate(keys: np.ndarray, candidates: np.ndarray, kept: np.ndarray) -> bool:
+    """Does a kept candidate share a band with an earlier candidate? If not, comparing full texts
+    could not have removed any record that is kept (a removal needs an earlier match in a shared
+    band), and the full-text pass that counts those can be skipped."""
+    rows = np.flatnonzero(candidates)
+    for b in range(keys.shape[1]):
+        _, first, inverse = np.unique(keys[rows, b], return_index=True, return_inverse=True)
+        if (kept[rows] & (first[inverse] < np.arange(len(rows)))).any():
+            return True
+    return False
+
+
+def _count_with_shared_lines(texts: Sequence[str], shared: frozenset[bytes]) -> int:
+    lines = {line.decode("utf-8", "surrogatepass") for line in shared}
+    return sum(any(line in lines for line in text.lower().split("\n")) for text in texts)
 
 
 def _near_duplicates(result: DedupeResult, unique: list[int], index: _NearDuplicateIndex, signatures: np.ndarray,

@@ -41,8 +41,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from qloraflow.config import result_settings
-from qloraflow.data import (MINHASH_SEED, CheckedRecords, check_inputs_exist, check_records, record_id, record_text,
-                            write_dataset)
+from qloraflow.data import (MINHASH_SEED, CheckedRecords, answer_keys, check_inputs_exist, check_records, record_id,
+                            record_text, write_dataset)
 from qloraflow.dedupe import dedupe_signatures, record_signatures
 from qloraflow.ingest import Record, Rejected, convert_rows, format_votes, input_files, majority_format, read_rows
 from qloraflow.tokenize import SPLITS, encode_parallel, save_split, save_tokenizer
@@ -291,7 +291,12 @@ def merge_data_shards(cfg: Any, parts: Sequence[PathLike], out_dir: PathLike, se
                              [n for p in pieces for n in p.tokens], [x for p in pieces for x in p.problems])
     ids = [rid for p in pieces for rid in p.ids if rid is not None]
     signatures, has, numbers = _stacked(pieces, cfg.minhash_num_perm)
-    dd = dedupe_signatures(ids, signatures, has, numbers, threshold=cfg.near_dup_threshold, seed=MINHASH_SEED)
+    # The same decisions as prepare_dataset's dedupe_texts: shared lines and short answers need the texts.
+    msgs = [checked.cleaned[i] for i in checked.fit]
+    dd = dedupe_signatures(ids, signatures, has, numbers, threshold=cfg.near_dup_threshold, seed=MINHASH_SEED,
+                           texts=[record_text(m) for m in msgs], shared_line_records=cfg.near_dup_shared_line_records,
+                           distinct_keys=answer_keys(cfg, msgs), shingle_size=cfg.shingle_size,
+                           distinct_numbers=distinct_numbers, num_workers=num_workers)
     return write_dataset(cfg, out_dir, seed, checked, ids, dd)
 
 

@@ -11,7 +11,10 @@ How labels are built: every message is rendered as its own slice of the template
 (``render(messages[:i+1])`` minus ``render(messages[:i])``), each slice is tokenized on its own, and
 the assistant slices are the only ones with labels. The prompt slice of an assistant turn ends with
 the generation prompt, exactly the text that a server renders before it generates, so the tokens the
-model learns to produce are the tokens it will be asked to produce.
+model learns to produce are the tokens it will be asked to produce. A template that renders earlier
+turns differently once later turns are added (Qwen3 drops earlier turns' reasoning) gets one example
+per assistant turn instead; ``qloraflow.templates`` says which and why, and the report records it
+(``masking``, and ``per_turn_records`` per split).
 """
 
 from __future__ import annotations
@@ -24,8 +27,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from qloraflow.errors import TemplateError
+from qloraflow.templates import conversation_examples, describe_masking
 
 IGNORE_INDEX = -100
+# The label of the first token of each example in a record's row that holds several (one per assistant
+# turn): ignored like IGNORE_INDEX, and where save_split cuts the row into its examples. A row goes from
+# encoding to save_split as one row per record (the sharded stage keeps that order and count).
+EXAMPLE_START = -101
 SPLITS = ("train", "validation", "test")
 
 # Named templates for base models that have none. Each renders an assistant turn as
@@ -87,83 +95,81 @@ def ensure_pad_token(tokenizer: Any) -> Optional[str]:
             "(labels are masked by position, so EOS stays trained)")
 
 
-def _render(tokenizer: Any, template: str, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+def record_examples(tokenizer: Any, template: str, record: dict,
+                    train_on: str = "completions") -> list[list[tuple[str, bool]]]:
+    """Cut one record into training examples of ``(text, trained)`` slices.
 
-
-def split_segments(tokenizer: Any, template: str, messages: list[dict], fmt: str,
-                   train_on: str = "completions") -> list[tuple[str, bool]]:
-    """Cut one record's rendered text into ``(text, trained)`` slices.
-
-    The trained slices are each assistant turn's content plus the template's end-of-turn marker; the
-    whitespace the template puts after it stays untrained. ``fmt == "completion"`` trains on the raw
-    text with no template.
+    A chat record is one example when the template only appends, else one per assistant turn (see
+    :func:`qloraflow.templates.conversation_examples`). The trained slices are each assistant turn's
+    text plus the template's end-of-turn marker; the whitespace the template puts after it stays
+    untrained. ``format == "completion"`` trains on the raw text with no template.
 
     Raises:
-        TemplateError: the template does not render each turn as a continuation of the previous ones.
+        TemplateError: an assistant turn cannot be masked correctly; the message names the record and the fix.
     """
-    if fmt == "completion":
+    messages = list(record["messages"])
+    if record.get("format", "messages") == "completion":
         text = "".join(m["content"] for m in messages)
         bos = tokenizer.bos_token or ""
-        return [(bos, False), (text, True)] if bos else [(text, True)]
-    segments: list[tuple[str, bool]] = []
-    done = ""
-    for i, msg in enumerate(messages):
-        full = _render(tokenizer, template, messages[: i + 1], generation_prompt=False)
-        if msg["role"] == "assistant":
-            prompt = _render(tokenizer, template, messages[:i], generation_prompt=True)
-            _check_prefix(done, prompt, i)
-            _check_prefix(prompt, full, i)
-            segments.append((prompt[len(done):], False))
-            answer = full[len(prompt):]
-            start = answer.find(msg["content"])
-            if start < 0:
-                raise TemplateError(f"turn {i}: the chat template does not render assistant content verbatim")
-            trained = answer.rstrip()
-            segments.append((answer[:start], False))
-            segments.append((trained[start:], True))
-            segments.append((answer[len(trained):], False))
-        else:
-            _check_prefix(done, full, i)
-            segments.append((full[len(done):], False))
-        done = full
-    if train_on == "all":
-        segments = [(text, True) for text, _ in segments]
-    return [(t, trained) for t, trained in segments if t]
-
-
-def _check_prefix(prefix: str, text: str, turn: int) -> None:
-    if not text.startswith(prefix):
-        raise TemplateError(
-            f"turn {turn}: the chat template renders earlier turns differently once later turns are added; "
-            "label masking needs a template whose rendering only appends (set 'tokenize.chat_template')")
+        return [[(bos, False), (text, True)] if bos else [(text, True)]]
+    where = record.get("source") or f"record {record.get('id') or ''}".strip()
+    return conversation_examples(tokenizer, template, messages, where, train_on)[0]
 
 
 def encode_records(records: list[dict], tokenizer: Any, template: str, train_on: str) -> list[dict]:
-    """Tokenize records into ``input_ids``/``labels``. All slices of a batch go to the tokenizer in one call."""
-    per_record = [split_segments(tokenizer, template, list(r["messages"]), r.get("format", "messages"), train_on)
-                  for r in records]
-    flat = [text for segs in per_record for text, _ in segs]
+    """Tokenize records into ``input_ids``/``labels``, one row per record. All slices go to the tokenizer in one call.
+
+    A record cut into several examples keeps them back to back in its row, each starting with the
+    label :data:`EXAMPLE_START`; :func:`save_split` makes them rows of their own.
+    """
+    per_record = [record_examples(tokenizer, template, r, train_on) for r in records]
+    flat = [text for examples in per_record for segs in examples for text, _ in segs]
     ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     eos = tokenizer.eos_token_id
     out, k = [], 0
-    for segs in per_record:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        for (_, trained), seg_ids in zip(segs, ids[k:k + len(segs)]):
-            input_ids += seg_ids
-            labels += seg_ids if trained else [IGNORE_INDEX] * len(seg_ids)
-        k += len(segs)
-        trained = [t for t, l in zip(input_ids, labels) if l != IGNORE_INDEX]
-        if eos is not None and trained and eos not in trained:
-            # The template ends turns with its own marker, or there is no template: teach EOS at the end.
-            input_ids.append(eos)
-            labels.append(eos)
-        if labels:
-            labels[0] = IGNORE_INDEX  # never predicted (labels shift by one); also keeps packing exact
-        out.append({"input_ids": input_ids, "labels": labels})
+    for examples in per_record:
+        row_ids: list[int] = []
+        row_labels: list[int] = []
+        for segs in examples:
+            input_ids: list[int] = []
+            labels: list[int] = []
+            for (_, trained), seg_ids in zip(segs, ids[k:k + len(segs)]):
+                input_ids += seg_ids
+                labels += seg_ids if trained else [IGNORE_INDEX] * len(seg_ids)
+            k += len(segs)
+            trained = [t for t, l in zip(input_ids, labels) if l != IGNORE_INDEX]
+            if eos is not None and trained and eos not in trained:
+                # The template ends turns with its own marker, or there is no template: teach EOS at the end.
+                input_ids.append(eos)
+                labels.append(eos)
+            if labels:
+                # never predicted (labels shift by one); also keeps packing exact
+                labels[0] = IGNORE_INDEX if len(examples) == 1 else EXAMPLE_START
+            row_ids += input_ids
+            row_labels += labels
+        out.append({"input_ids": row_ids, "labels": row_labels})
     return out
+
+
+def unpack_examples(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Cut the rows of records that hold several examples (see :data:`EXAMPLE_START`) into one row each.
+
+    Returns:
+        The rows in data order, and the counts ``per_turn_records`` (rows cut) and ``per_turn_examples``
+        (the rows they became).
+    """
+    out, counts = [], {"per_turn_records": 0, "per_turn_examples": 0}
+    for row in rows:
+        labels = row["labels"]
+        if not labels or labels[0] != EXAMPLE_START:
+            out.append(row)
+            continue
+        starts = [i for i, l in enumerate(labels) if l == EXAMPLE_START] + [len(labels)]
+        for a, b in zip(starts, starts[1:]):
+            out.append({"input_ids": row["input_ids"][a:b], "labels": [IGNORE_INDEX] + labels[a + 1:b]})
+        counts["per_turn_records"] += 1
+        counts["per_turn_examples"] += len(starts) - 1
+    return out, counts
 
 
 def apply_length_policy(rows: list[dict], sequence_len: int, overlong: str) -> tuple[list[dict], dict[str, int]]:
@@ -276,29 +282,35 @@ def save_tokenizer(cfg: Any, tokenizer_dir: str | os.PathLike, out_dir: Path) ->
         The encoding job that uses it, and the head of the stage report.
 
     Raises:
-        TemplateError: no template (see :func:`resolve_chat_template`).
+        TemplateError: no template (see :func:`resolve_chat_template`), or one whose assistant turns cannot
+            be masked (see :func:`qloraflow.templates.describe_masking`).
     """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     template = resolve_chat_template(tokenizer, cfg.chat_template, str(tokenizer_dir))
     pad_note = ensure_pad_token(tokenizer)
+    source = (f"tokenize.chat_template {cfg.chat_template!r}" if cfg.chat_template
+              else f"the chat template of {tokenizer_dir}")
+    masking = describe_masking(tokenizer, template, source)  # refuses before anything is written
     tokenizer.chat_template = template
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir / "tokenizer")  # serving renders prompts with exactly this template
+    notes = ([pad_note] if pad_note else []) + masking.pop("notes", [])
     report = {"chat_template": cfg.chat_template or "tokenizer", "pad_token": tokenizer.pad_token,
-              "notes": [pad_note] if pad_note else [], "splits": {}}
+              "masking": masking, "notes": notes, "splits": {}}
     return EncodeJob(str(out_dir / "tokenizer"), template, cfg.train_on), report
 
 
 def save_split(cfg: Any, split: str, n_records: int, rows: list[dict], out_dir: Path) -> dict[str, Any]:
-    """Apply the length policy to one split's encoded rows (in data order), pack them, save them.
+    """Cut multi-example rows, apply the length policy to one split's rows (in data order), pack them, save them.
 
     Returns:
         The split's part of the report.
     """
     import datasets
 
+    rows, per_turn = unpack_examples(rows)
     rows, counts = apply_length_policy(rows, cfg.sequence_len, cfg.overlong)
     n_real = sum(len(r["input_ids"]) for r in rows)
     n_trained = sum(sum(1 for l in r["labels"] if l != IGNORE_INDEX) for r in rows)
@@ -314,8 +326,8 @@ def save_split(cfg: Any, split: str, n_records: int, rows: list[dict], out_dir: 
     ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
         {"input_ids": [], "labels": [], "position_ids": [], "length": []})
     _save_atomic(ds, out_dir / split)
-    return {"examples": n_records, "rows": len(rows), "tokens": n_real, "trained_tokens": n_trained, **counts,
-            "packing_efficiency": round(n_real / slots, 4) if slots else 0.0}
+    return {"examples": n_records, **per_turn, "rows": len(rows), "tokens": n_real, "trained_tokens": n_trained,
+            **counts, "packing_efficiency": round(n_real / slots, 4) if slots else 0.0}
 
 
 def encode_parallel(job: EncodeJob, records: list[dict], num_proc: int) -> list[dict]:

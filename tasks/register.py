@@ -95,12 +95,21 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
                                "greedy_agreement": merge["verify"]["outputs"]["greedy_agreement"]},
                "registry": {"model": name, "version": version,
                                                                                    **decision},
-               "deploy": {"passed": deploy.get("passed"), "hf_agreement": deploy.get("hf_agreement", {}).get("share"),
+               "deploy": {"passed": deploy.get("passed"), "skipped": deploy.get("skipped"), "hf_agreement": deploy.get("hf_agreement", {}).get("share"),
                           "vllm_exact_match": _served_exact_match(merge, deploy),
                           "pid": deploy.get("pid"), "port": deploy.get("port"),
                           "example": _example(merge, deploy), "latency": deploy.get("latency")}}
     summary["summary_file"] = str(write_summary(Path(cfg.output_dir) / cfg.name, pipeline_run_id, summary))
     return format_summary(summary)
+
+
+def _serving_lines(dep: dict) -> list[str]:
+    if dep.get("skipped"):
+        return [f"vLLM      skipped ({dep['skipped']}): not served, so not promoted"]
+    return [f"vLLM      smoke {'passed' if dep['passed'] else 'FAILED'}  greedy answers identical to HF generate: "
+            f"{dep['hf_agreement']}  exact match of served answers: {dep['vllm_exact_match']}",
+            f"          Q: {dep['example'].get('question')}",
+            f"          A: {dep['example'].get('vllm_answer')}"]
 
 
 def write_summary(out: Path, pipeline_run_id: str, summary: dict) -> Path:
@@ -202,10 +211,7 @@ def format_summary(s: dict) -> str:
               f"greedy agreement {m['greedy_agreement']:.2%})",
               f"registry  {r['model']} version {r['version']}  promoted={r['promoted']}  ({r['reason']})",
               *([f"          serving manifests for the champion: {r['manifests']}"] if r.get("manifests") else []),
-              f"vLLM      smoke {'passed' if dep['passed'] else 'FAILED'}  greedy answers identical to HF generate: "
-              f"{dep['hf_agreement']}  exact match of served answers: {dep['vllm_exact_match']}",
-              f"          Q: {dep['example'].get('question')}",
-              f"          A: {dep['example'].get('vllm_answer')}",
+              *_serving_lines(dep),
               f"mlflow    run {s['mlflow_run_id']}  (flyte execution {s['flyte_execution_id']})",
               f"summary   {s.get('summary_file')}", "=" * 72]
     return "\n".join(lines)

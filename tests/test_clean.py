@@ -50,13 +50,42 @@ def test_clean_messages_redacts_when_asked():
 
 
 def test_repetition_share():
-    assert repetition_share("yes yes yes yes yes") == 1.0
-    assert repetition_share("buy now " * 30) == pytest.approx(59 / 60)  # all but the last "now"
+    assert repetition_share("yes yes yes yes yes") == pytest.approx(4 / 5)  # all but the first "yes"
+    assert repetition_share("buy now " * 30) == pytest.approx(58 / 60)  # all but "buy now" and the next "buy"
     assert repetition_share("the quick brown fox jumps over the lazy dog") == 0.0
     assert repetition_share("ok ok ok") == 0.0  # one 3-gram: nothing repeats
-    # "a b c" twice in 10 words covers 6 of them
-    assert repetition_share("a b c x a b c y z w") == pytest.approx(6 / 10)
+    # "a b c" again in 10 words: its second occurrence is 3 of them
+    assert repetition_share("a b c x a b c y z w") == pytest.approx(3 / 10)
     assert repetition_share("") == 0.0
+
+
+SENTENCE = "The model kept writing this very same sentence."
+
+
+@pytest.mark.parametrize("text", [
+    "the " * 40,                          # a one-word loop
+    " ".join([SENTENCE] * 10),            # a sentence said 10 times (the most frequent 3-gram covers 3 of 8 words)
+    " ".join([SENTENCE] * 3),             # three times is already more than half repeated
+    "Sure! " + "Here is the answer: 42. " * 6,
+    "la la la la la",
+])
+def test_degenerate_loops_are_rejected(text):
+    assert repetition_share(text) > 0.5
+    assert check_messages(chat("q", text), **{**LIMITS, "max_chars": 2000})[0] == "repetitive"
+
+
+@pytest.mark.parametrize("text", [
+    "SELECT state FROM Owners INTERSECT SELECT state FROM Professionals",   # rejected before (67%)
+    "SELECT template_id FROM Templates EXCEPT SELECT template_id FROM Documents",
+    "SELECT name FROM a UNION SELECT name FROM b UNION SELECT name FROM c",
+    "SELECT T1.name FROM people AS T1 JOIN pets AS T2 ON T1.id = T2.owner WHERE T2.kind = 'cat' INTERSECT "
+    "SELECT T1.name FROM people AS T1 JOIN pets AS T2 ON T1.id = T2.owner WHERE T2.kind = 'dog'",
+    " ".join([SENTENCE] * 2),             # said twice: at most half of it repeats
+    "def f(x):\n    return x + 1\n\ndef g(x):\n    return x + 2",
+])
+def test_queries_and_code_that_reuse_a_clause_are_not_repetitive(text):
+    assert repetition_share(text) <= 0.5
+    assert check_messages(chat("q", text), **{**LIMITS, "max_chars": 2000}) is None
 
 
 @pytest.mark.parametrize("messages, reason", [

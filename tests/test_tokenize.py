@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
+from qloraflow.config import TokenizeConfig
 from qloraflow.errors import TemplateError
-from qloraflow.tokenize import (IGNORE_INDEX, TEMPLATES, apply_length_policy, encode_records, ensure_pad_token,
-                                pack_rows, resolve_chat_template)
+from qloraflow.tokenize import (EXAMPLE_START, IGNORE_INDEX, TEMPLATES, apply_length_policy, encode_records,
+                                ensure_pad_token, pack_rows, resolve_chat_template, tokenize_dataset, unpack_examples)
 
 ALPACA = {"format": "alpaca", "messages": [
     {"role": "user", "content": "how many customers live in Paris?"},
@@ -22,6 +23,17 @@ MULTI = {"format": "messages", "messages": [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Tell me a joke about cats."},
     {"role": "assistant", "content": "Cats are purrfect."},
+    {"role": "user", "content": "Translate to French: good morning"},
+    {"role": "assistant", "content": "bonjour"}]}
+# ChatML that, like Qwen3, drops the <think> reasoning of assistant turns before the last one.
+DROPS_OLD_REASONING = (
+    "{% for m in messages %}{% set c = m['content'] %}"
+    "{% if m['role'] == 'assistant' and not loop.last %}{% set c = c.split('</think>')[-1].lstrip() %}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + c + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+THINKING = {"format": "messages", "messages": [
+    {"role": "user", "content": "Tell me a joke about cats."},
+    {"role": "assistant", "content": "<think>cats purr</think>Cats are purrfect."},
     {"role": "user", "content": "Translate to French: good morning"},
     {"role": "assistant", "content": "bonjour"}]}
 
@@ -155,3 +167,36 @@ def test_collator_boundaries_are_the_examples_of_the_packed_row():
     assert set(plain) == {"input_ids", "labels", "position_ids"}
     for batch in (flash, unsloth):
         assert all(torch.equal(batch[k], plain[k]) for k in plain)
+
+
+def test_a_template_that_rewrites_history_trains_each_turn_in_its_own_example(tiny_tokenizer):
+    (plain,) = encode_records([MULTI], tiny_tokenizer, DROPS_OLD_REASONING, "completions")
+    assert EXAMPLE_START not in plain["labels"]  # no reasoning: the template appends, one example
+    (row,) = encode_records([THINKING], tiny_tokenizer, DROPS_OLD_REASONING, "completions")
+    assert row["labels"].count(EXAMPLE_START) == 2 and row["labels"][0] == EXAMPLE_START
+    examples, counts = unpack_examples([plain, row])
+    assert counts == {"per_turn_records": 1, "per_turn_examples": 2} and examples[0] is plain
+    first, second = examples[1:]
+    assert all(r["labels"][0] == IGNORE_INDEX and EXAMPLE_START not in r["labels"] for r in (first, second))
+    assert trained_spans(first, tiny_tokenizer) == ["<think>cats purr</think>Cats are purrfect.<|im_end|>"]
+    assert trained_spans(second, tiny_tokenizer) == ["bonjour<|im_end|>"]
+    assert tiny_tokenizer.decode(second["input_ids"]) == tiny_tokenizer.apply_chat_template(
+        THINKING["messages"], chat_template=DROPS_OLD_REASONING, tokenize=False)  # history without reasoning
+    # train_on: all has no masks to get wrong: the conversation rendered whole, one example
+    (whole,) = encode_records([THINKING], tiny_tokenizer, DROPS_OLD_REASONING, "all")
+    assert EXAMPLE_START not in whole["labels"] and whole["labels"][1:] == whole["input_ids"][1:]
+
+
+def test_the_report_records_the_masking_method_per_dataset(tiny_model_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("format", pa.string()),
+                        ("messages", pa.list_(message))])
+    rows = [{"id": str(i), "source": f"train.jsonl:{i + 1}", **r} for i, r in enumerate([MULTI, THINKING, ALPACA])]
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "data" / "train.parquet")
+    report = tokenize_dataset(TokenizeConfig(sequence_len=256), tmp_path / "data", tiny_model_dir, tmp_path / "tok")
+    assert report["masking"]["method"] == "append" and "continuation" in report["masking"]["why"]
+    assert report["splits"]["train"]["per_turn_records"] == 0
