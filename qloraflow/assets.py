@@ -18,7 +18,6 @@ deleted and the fetch fails, naming both digests.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qloraflow.errors import ConfigError
+from qloraflow.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -100,14 +100,6 @@ def cache_dir() -> Path:
     if os.environ.get("QLORAFLOW_ASSETS"):
         return Path(os.environ["QLORAFLOW_ASSETS"])
     return Path(__file__).resolve().parents[1] / ".cache" / "assets"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def asset_dir(name: str) -> Path:
@@ -183,7 +175,7 @@ def fetch(name: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{name}-") as tmp:
         archive = _download(asset, Path(tmp))
-        got = sha256_of(archive)
+        got = sha256_file(archive)
         if got != asset.sha256:
             archive.unlink()
             raise ConfigError(

@@ -10,7 +10,6 @@ overwrite it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,17 +19,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from qloraflow.files import sha256_file
+
 MANIFEST = "manifest.json"
 STAGING = ".staging"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(folder: Path) -> list[Path]:
@@ -40,7 +33,7 @@ def _files(folder: Path) -> list[Path]:
 def write_manifest(folder: str | os.PathLike, meta: Optional[dict[str, Any]] = None) -> Path:
     """Hash every file of ``folder`` and write the manifest last, atomically."""
     folder = Path(folder)
-    manifest = {"files": {str(p.relative_to(folder)): _sha256(p) for p in _files(folder)},
+    manifest = {"files": {str(p.relative_to(folder)): sha256_file(p) for p in _files(folder)},
                 "written_at": time.time(), **(meta or {})}
     tmp = folder / (MANIFEST + ".tmp")
     with tmp.open("w") as f:
@@ -64,7 +57,7 @@ def verify(folder: str | os.PathLike) -> Optional[str]:
         p = folder / rel
         if not p.is_file():
             return f"{rel} is missing"
-        if _sha256(p) != digest:
+        if sha256_file(p) != digest:
             return f"{rel} does not match its hash"
     return None
 

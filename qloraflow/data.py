@@ -18,16 +18,17 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 from qloraflow.clean import check_messages, clean_messages
-from qloraflow.config import result_settings
-from qloraflow.dedupe import EXACT_DUPLICATE, DedupeResult, dedupe_texts, short_text_keys
+from qloraflow.config import DataConfig, result_settings
+from qloraflow.dedupe import EXACT_DUPLICATE, DedupeResult, dedupe_texts
 from qloraflow.errors import DataValidationError, EmptyDatasetError
+from qloraflow.files import write_atomic
+from qloraflow.minhash import short_text_keys
 from qloraflow.ingest import Record, Rejected, input_files, read_source
 
 SPLITS = ("train", "validation", "test")
@@ -110,9 +111,9 @@ def record_text(messages: list[dict[str, str]]) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
-def answer_keys(cfg: Any, messages: list[list[dict[str, str]]]) -> Optional[list[int]]:
+def answer_keys(cfg: DataConfig, messages: list[list[dict[str, str]]]) -> Optional[list[int]]:
     """Per record, the key of its answer when shorter than ``data.near_dup_short_answer_words``
-    (see :func:`qloraflow.dedupe.short_text_keys`): records with different short answers are never
+    (see :func:`qloraflow.minhash.short_text_keys`): records with different short answers are never
     near duplicates. None when the setting is off."""
     if cfg.near_dup_short_answer_words <= 0:
         return None
@@ -149,7 +150,7 @@ class CheckedRecords:
         return [i for i, p in enumerate(self.problems) if p is None]
 
 
-def check_records(cfg: Any, records: list[Record], *, tokenizer: Any = None, max_tokens: Optional[int] = None
+def check_records(cfg: DataConfig, records: list[Record], *, tokenizer: Any = None, max_tokens: Optional[int] = None
                   ) -> tuple[list[list[dict[str, str]]], list[Optional[int]], list[Optional[tuple[str, str]]]]:
     """Clean every record and check it: ``(cleaned messages, token counts, problems)``, per record.
 
@@ -164,7 +165,7 @@ def check_records(cfg: Any, records: list[Record], *, tokenizer: Any = None, max
     return cleaned, tokens, problems
 
 
-def prepare_dataset(cfg: Any, out_dir: Union[str, Path], seed: int = 0, *, tokenizer: Any = None,
+def prepare_dataset(cfg: DataConfig, out_dir: Union[str, Path], seed: int = 0, *, tokenizer: Any = None,
                     max_tokens: Optional[int] = None, distinct_numbers: bool = True,
                     num_workers: Optional[int] = None) -> dict[str, Any]:
     """Read, clean, check, deduplicate and split the configured inputs; write them and a report.
@@ -212,7 +213,7 @@ def prepare_dataset(cfg: Any, out_dir: Union[str, Path], seed: int = 0, *, token
     return write_dataset(cfg, out_dir, seed, checked, ids, dd)
 
 
-def write_dataset(cfg: Any, out_dir: Union[str, Path], seed: int, checked: CheckedRecords, ids: list[str],
+def write_dataset(cfg: DataConfig, out_dir: Union[str, Path], seed: int, checked: CheckedRecords, ids: list[str],
                   dd: DedupeResult) -> dict[str, Any]:
     """Split the records that are kept, and write the splits, the quarantine and the report.
 
@@ -268,8 +269,8 @@ def write_dataset(cfg: Any, out_dir: Union[str, Path], seed: int, checked: Check
         src for spec in [*cfg.test_files, *cfg.train_files] for src, _ in input_files(spec)))}
     quarantine.sort(key=lambda q: (rank[q["source"]], q["line"]))
     report = _report(cfg, seed, records, quarantine, rows, lengths, token_lengths, examples, leaks, dd)
-    _write_atomic(out / "quarantine.jsonl", lambda p: _write_jsonl(p, quarantine))
-    _write_atomic(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2, default=str)))
+    write_atomic(out / "quarantine.jsonl", lambda p: _write_jsonl(p, quarantine))
+    write_atomic(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2, default=str)))
     try:
         _fail_if_unusable(cfg, report, out)
     except DataValidationError:
@@ -277,7 +278,7 @@ def write_dataset(cfg: Any, out_dir: Union[str, Path], seed: int, checked: Check
             (out / f"{split}.parquet").unlink(missing_ok=True)
         raise
     for split in SPLITS:
-        _write_atomic(out / f"{split}.parquet", lambda p, s=split: _write_parquet(p, rows[s]))
+        write_atomic(out / f"{split}.parquet", lambda p, s=split: _write_parquet(p, rows[s]))
     return report
 
 
@@ -289,7 +290,7 @@ def check_inputs_exist(specs: list[str]) -> None:
                                   f"data.test_files (relative paths are read from {Path.cwd()})")
 
 
-def _fail_if_unusable(cfg: Any, report: dict[str, Any], out: Path) -> None:
+def _fail_if_unusable(cfg: DataConfig, report: dict[str, Any], out: Path) -> None:
     reasons = ", ".join(f"{k}: {v}" for k, v in report["rejected_by_reason"].items()) or "none"
     where = f"see {out / 'quarantine.jsonl'} for each rejected record"
     if report["splits"]["train"] == 0:
@@ -314,7 +315,7 @@ def _histogram(values: list[int]) -> list[int]:
     return counts
 
 
-def _report(cfg: Any, seed: int, records: list[Record], quarantine: list[dict], rows: dict, lengths: dict,
+def _report(cfg: DataConfig, seed: int, records: list[Record], quarantine: list[dict], rows: dict, lengths: dict,
             token_lengths: dict, examples: list, leaks: int, dd: Any) -> dict[str, Any]:
     by_reason = Counter(q["reason"] for q in quarantine)
     kept = sum(len(v) for v in rows.values())
@@ -365,17 +366,6 @@ def _report(cfg: Any, seed: int, records: list[Record], quarantine: list[dict], 
 
 # ----------------------------------------------------------------------------------------------
 # Writing
-
-
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write under a temporary name in the same folder, then rename: a killed stage never leaves a
-    half-written file under the final name (os.replace is atomic within one filesystem)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_jsonl(path: Path, entries: list[dict[str, Any]]) -> None:

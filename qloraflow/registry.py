@@ -18,14 +18,14 @@ re-promotes the better one) so the best eligible version ends as champion and no
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import tempfile
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from qloraflow.errors import RegistryError
+from qloraflow.files import file_lock
 
 ALIAS = "champion"
 HISTORY_TAG = "qloraflow.champion_history"
@@ -94,15 +94,9 @@ def _metric(version: Any, metric: str) -> Optional[float]:
     return float(value) if value is not None else None
 
 
-@contextlib.contextmanager
-def _lock(name: str) -> Iterator[None]:
-    path = os.path.join(tempfile.gettempdir(), f"qloraflow-registry-{name}.lock")
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _lock(name: str) -> contextlib.AbstractContextManager:
+    """Promotions of one registered model, one at a time (on this machine)."""
+    return file_lock(os.path.join(tempfile.gettempdir(), f"qloraflow-registry-{name}.lock"))
 
 
 def _history(client: Any, name: str) -> list[str]:

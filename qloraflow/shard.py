@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from qloraflow.config import result_settings
+from qloraflow.config import DataConfig, TokenizeConfig, result_settings
 from qloraflow.data import (MINHASH_SEED, CheckedRecords, answer_keys, check_inputs_exist, check_records, record_id,
                             record_text, write_dataset)
 from qloraflow.dedupe import dedupe_signatures, record_signatures
@@ -63,7 +63,7 @@ def shard_name(shard: str) -> str:
 # Data: plan
 
 
-def plan_data_shards(cfg: Any, num_shards: int) -> list[str]:
+def plan_data_shards(cfg: DataConfig, num_shards: int) -> list[str]:
     """Cut the inputs into at most ``num_shards`` shards of about equal bytes, in input order.
 
     A JSONL file is cut at line starts; any other input (JSON, Parquet, CSV, ``datasets``
@@ -148,7 +148,7 @@ class _Piece:
     numbers: np.ndarray
 
 
-def prepare_data_shard(cfg: Any, shard: str, out_dir: PathLike, *, tokenizer: Any = None,
+def prepare_data_shard(cfg: DataConfig, shard: str, out_dir: PathLike, *, tokenizer: Any = None,
                        max_tokens: Optional[int] = None, distinct_numbers: bool = True,
                        num_workers: Optional[int] = None) -> Path:
     """The per-record work of the data stage on one shard of :func:`plan_data_shards`.
@@ -198,13 +198,13 @@ def _json_line(row: dict[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=True, default=str) + "\n"
 
 
-def _settings(cfg: Any, distinct_numbers: bool, max_tokens: Optional[int]) -> dict[str, Any]:
+def _settings(cfg: DataConfig, distinct_numbers: bool, max_tokens: Optional[int]) -> dict[str, Any]:
     """What a shard's content depends on besides its rows: the merge checks it was made the same way."""
     return json.loads(json.dumps({"data": result_settings(cfg), "distinct_numbers": distinct_numbers,
                                   "max_tokens": max_tokens}, default=str))
 
 
-def _work_piece(cfg: Any, spec: dict[str, Any], fmt: Optional[str], *, tokenizer: Any, max_tokens: Optional[int],
+def _work_piece(cfg: DataConfig, spec: dict[str, Any], fmt: Optional[str], *, tokenizer: Any, max_tokens: Optional[int],
                 distinct_numbers: bool, num_workers: Optional[int]) -> _Piece:
     """Read, convert (as ``fmt``; None: as the config says, or by this piece's own majority), check, sign."""
     span = tuple(spec["span"]) if "span" in spec else None
@@ -243,7 +243,7 @@ def _count_lines(path: str, span: tuple[int, int]) -> int:
 # Data: merge
 
 
-def merge_data_shards(cfg: Any, parts: Sequence[PathLike], out_dir: PathLike, seed: int = 0, *,
+def merge_data_shards(cfg: DataConfig, parts: Sequence[PathLike], out_dir: PathLike, seed: int = 0, *,
                       tokenizer: Any = None, max_tokens: Optional[int] = None, distinct_numbers: bool = True,
                       num_workers: Optional[int] = None) -> dict[str, Any]:
     """Deduplicate, split and write the records of every shard, in input order: ``prepare_dataset``'s output.
@@ -329,7 +329,7 @@ def _read_shard(folder: Path, settings: dict[str, Any], num_perm: int) -> list[_
     return pieces
 
 
-def _check_coverage(cfg: Any, pieces: list[_Piece]) -> None:
+def _check_coverage(cfg: DataConfig, pieces: list[_Piece]) -> None:
     """Every input once, in order, each JSONL file's spans end to end from byte 0: else the output would differ."""
     n_inputs = sum(len(input_files(spec)) for spec in [*cfg.test_files, *cfg.train_files])
     at = [(p.spec["input"], *(p.spec.get("span") or (0, 0))) for p in pieces]
@@ -367,7 +367,7 @@ def plan_tokenize_shards(data_dir: PathLike, num_shards: int) -> list[str]:
     return [json.dumps(s) for s in shards if s] or [json.dumps([])]
 
 
-def tokenize_shard(cfg: Any, shard: str, data_dir: PathLike, tokenizer_dir: PathLike, out_dir: PathLike) -> Path:
+def tokenize_shard(cfg: TokenizeConfig, shard: str, data_dir: PathLike, tokenizer_dir: PathLike, out_dir: PathLike) -> Path:
     """Encode one shard of :func:`plan_tokenize_shards` (``input_ids``, ``labels``; no length policy yet).
 
     Args:
@@ -399,7 +399,7 @@ def tokenize_shard(cfg: Any, shard: str, data_dir: PathLike, tokenizer_dir: Path
     return out
 
 
-def merge_tokenize_shards(cfg: Any, parts: Sequence[PathLike], data_dir: PathLike, tokenizer_dir: PathLike,
+def merge_tokenize_shards(cfg: TokenizeConfig, parts: Sequence[PathLike], data_dir: PathLike, tokenizer_dir: PathLike,
                           out_dir: PathLike) -> dict:
     """Length policy, packing and saving of every split from the shards' rows: ``tokenize_dataset``'s output.
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from qloraflow.config import TokenizeConfig
 from qloraflow.errors import TemplateError
 from qloraflow.templates import conversation_examples, describe_masking
 
@@ -247,7 +248,7 @@ def tokenizer_hash(tokenizer_dir: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def tokenize_dataset(cfg: Any, data_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
+def tokenize_dataset(cfg: TokenizeConfig, data_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
                      out_dir: str | os.PathLike) -> dict:
     """Tokenize every split of a prepared dataset and save it as Arrow.
 
@@ -275,7 +276,7 @@ def tokenize_dataset(cfg: Any, data_dir: str | os.PathLike, tokenizer_dir: str |
     return report
 
 
-def save_tokenizer(cfg: Any, tokenizer_dir: str | os.PathLike, out_dir: Path) -> tuple[EncodeJob, dict]:
+def save_tokenizer(cfg: TokenizeConfig, tokenizer_dir: str | os.PathLike, out_dir: Path) -> tuple[EncodeJob, dict]:
     """Save the tokenizer with the chat template to train with under ``out_dir/tokenizer``.
 
     Returns:
@@ -302,7 +303,7 @@ def save_tokenizer(cfg: Any, tokenizer_dir: str | os.PathLike, out_dir: Path) ->
     return EncodeJob(str(out_dir / "tokenizer"), template, cfg.train_on), report
 
 
-def save_split(cfg: Any, split: str, n_records: int, rows: list[dict], out_dir: Path) -> dict[str, Any]:
+def save_split(cfg: TokenizeConfig, split: str, n_records: int, rows: list[dict], out_dir: Path) -> dict[str, Any]:
     """Cut multi-example rows, apply the length policy to one split's rows (in data order), pack them, save them.
 
     Returns:

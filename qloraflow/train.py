@@ -510,6 +510,7 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
     if procs.is_main_process:
         ckpt.save_atomic(adapter_dir, lambda tmp: (trainer.model.save_pretrained(tmp, state_dict=state),
                                                    tokenizer.save_pretrained(tmp)))
+    history = list(trainer.state.log_history)  # per logging step: loss, learning rate, eval loss
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     summary = {
@@ -528,6 +529,7 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
     if not procs.is_main_process:
         return summary
     (output_dir / "train_result.json").write_text(json.dumps(summary, indent=1))
+    (output_dir / "log_history.json").write_text(json.dumps(history, indent=1, default=str))
     tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None
                          and not (isinstance(v, float) and math.isnan(v))})
     return summary

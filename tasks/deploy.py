@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import typing
 
-from flytekit import task
+from flytekit import Deck, task
 from flytekit.types.directory import FlyteDirectory
 
+from qloraflow.reports import deploy_html
 from qloraflow.serve import VllmServer, compare_with_hf, smoke_test_server
 from tasks import policy
 from tasks.common import config_of, local_folder, print_line, stage_run, work_dir
@@ -16,7 +17,7 @@ DeployOutput = typing.NamedTuple("DeployOutput", [("report", str)])
 
 
 @task(cache=policy.cache("deploy"), container_image=policy.SERVE_IMAGE, requests=policy.SERVE_RESOURCES,
-      retries=policy.RETRIES)
+      retries=policy.RETRIES, enable_deck=True)
 def deploy_model(config_yaml: str, serve_key: str, merged_dir: FlyteDirectory, merge_report: str,
                  pipeline_run_id: str) -> DeployOutput:
     """Start vLLM on 127.0.0.1, run the smoke suite, stop it; report answers, latency and HF agreement."""
@@ -40,6 +41,7 @@ def deploy_model(config_yaml: str, serve_key: str, merged_dir: FlyteDirectory, m
         tracker.log_metrics({"smoke_passed": float(report["passed"]), "hf_agreement": report["hf_agreement"]["share"],
                              **{k: v for k, v in lat.items() if isinstance(v, (int, float))}})
     report["mlflow_run_id"] = tracker.run_id
+    Deck("deployment", deploy_html(report))
     print_line("deploy", f"smoke {'passed' if report['passed'] else 'FAILED'}; HF agreement "
                          f"{report['hf_agreement']['share']:.2%}; first answer: {report['chat_answers'][:1]}")
     return DeployOutput(report=json.dumps(report, default=str))

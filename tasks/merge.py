@@ -6,12 +6,13 @@ import json
 import typing
 from pathlib import Path
 
-from flytekit import task
+from flytekit import Deck, task
 from flytekit.types.directory import FlyteDirectory
 
 from qloraflow.errors import MergeVerificationError
 from qloraflow.evaluate import evaluate_model
 from qloraflow.merge import merge_and_verify, probe_rows
+from qloraflow.reports import merge_html
 from tasks import policy
 from tasks.common import config_of, print_line, stage_run, work_dir
 
@@ -19,7 +20,7 @@ MergeOutput = typing.NamedTuple("MergeOutput", [("merged_dir", FlyteDirectory), 
 
 
 @task(cache=policy.cache("merge"), container_image=policy.TRAIN_IMAGE, requests=policy.EVAL_RESOURCES,
-      accelerator=policy.TRAIN_ACCELERATOR, retries=policy.RETRIES)
+      accelerator=policy.TRAIN_ACCELERATOR, retries=policy.RETRIES, enable_deck=True)
 def merge_model(config_yaml: str, merge_key: str, train_dir: FlyteDirectory, data_dir: FlyteDirectory,
                 tok_dir: FlyteDirectory, candidate_metrics: str, pipeline_run_id: str) -> MergeOutput:
     """Merged safetensors in the training dtype; fails unless weights, outputs and metrics match the adapter."""
@@ -49,6 +50,7 @@ def merge_model(config_yaml: str, merge_key: str, train_dir: FlyteDirectory, dat
                              "merge_delta_lost_share": check["weights"]["delta_lost_share"],
                              "merged_bytes": info["bytes"]})
     info["mlflow_run_id"] = tracker.run_id
+    Deck("merge check", merge_html(info))
     print_line("merge", f"{merged} ({info['bytes'] / 2**20:.1f} MiB {info['dtype']}); weights within "
                         f"{check['weights']['worst_ulps']:.2f} ulp of base + adapter; mean KL "
                         f"{check['outputs']['mean_kl']:.2e} (bound {check['kl_bound']:.2e}), greedy agreement "

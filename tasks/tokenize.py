@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import typing
 from pathlib import Path
@@ -17,6 +16,7 @@ from flytekit.types.directory import FlyteDirectory
 
 from qloraflow import shard as sharding
 from qloraflow.config import FinetuneConfig
+from qloraflow.reports import tokenize_html
 from qloraflow.tokenize import tokenize_dataset
 from tasks import policy
 from tasks.common import config_of, print_line, stage_run, work_dir
@@ -72,7 +72,7 @@ def _tracked(cfg: FinetuneConfig, out: Path, pipeline_run_id: str,
         for split, r in report["splits"].items():
             tracker.log_metrics({f"{split}.{k}": v for k, v in r.items()})
         tracker.log_artifact(out / "report.json", "tokenize")
-    Deck("tokenize report", "<pre>" + html.escape(json.dumps(report, indent=1)) + "</pre>")
+    Deck("tokenize report", tokenize_html(report))
     report["mlflow_run_id"] = tracker.run_id
     train = report["splits"].get("train", {})
     print_line("tokenize", f"{train.get('tokens')} train tokens, packing efficiency {train.get('packing_efficiency')}")

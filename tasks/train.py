@@ -11,10 +11,11 @@ import shutil
 import typing
 from pathlib import Path
 
-from flytekit import current_context, task
+from flytekit import Deck, current_context, task
 from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
 
+from qloraflow.reports import train_html
 from qloraflow.train import train_adapter
 from tasks import policy
 from tasks.common import config_of, print_line, stage_run, work_dir
@@ -24,7 +25,8 @@ RUN_ID_FILE = "mlflow_run_id"
 
 
 @task(cache=policy.cache("train"), container_image=policy.TRAIN_IMAGE, requests=policy.TRAIN_RESOURCES,
-      accelerator=policy.TRAIN_ACCELERATOR, interruptible=policy.TRAIN_INTERRUPTIBLE, retries=policy.RETRIES)
+      accelerator=policy.TRAIN_ACCELERATOR, interruptible=policy.TRAIN_INTERRUPTIBLE, retries=policy.RETRIES,
+      enable_deck=True)
 def train_model(config_yaml: str, train_key: str, tok_dir: FlyteDirectory, pipeline_run_id: str) -> TrainOutput:
     """Train the adapter; returns the training folder (``adapter/``, ``train_result.json``) and a summary."""
     cfg = config_of(config_yaml)
@@ -49,6 +51,8 @@ def train_model(config_yaml: str, train_key: str, tok_dir: FlyteDirectory, pipel
         tracker.log_artifact(out / "adapter", "adapter")
     shutil.rmtree(checkpoints, ignore_errors=True)  # in the checkpoint store already; keep the output small
     summary["mlflow_run_id"] = tracker.run_id
+    history = out / "log_history.json"
+    Deck("training", train_html(summary, json.loads(history.read_text()) if history.exists() else []))
     print_line("train", f"{summary['global_step']} steps, loss {summary['train_loss_first']:.3f} -> "
                         f"{summary['train_loss_last']:.3f} in {summary['train_seconds']:.0f}s")
     return TrainOutput(train_dir=FlyteDirectory(str(out)), summary=json.dumps(summary, default=str))

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from qloraflow.config import DataConfig
-from qloraflow.data import _write_atomic, assign_split, content_hash, prepare_dataset, report_html
+from qloraflow.data import assign_split, content_hash, prepare_dataset, report_html
+from qloraflow.files import write_atomic
 from qloraflow.errors import DataValidationError, EmptyDatasetError
 
 _rng = random.Random(3)
@@ -138,7 +139,7 @@ def test_an_interrupted_write_leaves_nothing_under_the_final_name(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _write_atomic(tmp_path / "train.parquet", dies_halfway)
+        write_atomic(tmp_path / "train.parquet", dies_halfway)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-from qloraflow import dedupe
-from qloraflow.dedupe import (EXACT_DUPLICATE, NEAR_DUPLICATE, dedupe_texts, jaccard, minhash_signatures,
-                              permutations, shingle_hashes)
+from qloraflow import dedupe, minhash
+from qloraflow.dedupe import EXACT_DUPLICATE, NEAR_DUPLICATE, dedupe_texts
+from qloraflow.minhash import jaccard, minhash_signatures, permutations, shingle_hashes
 
 _rng = random.Random(7)
 VOCAB = sorted({"".join(_rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(_rng.randint(2, 9)))
@@ -227,19 +227,19 @@ def test_the_same_question_under_another_shared_text_is_not_a_copy():
 
 
 def test_shared_lines_count_records_not_occurrences():
-    assert dedupe.shared_lines(["a b\nc", "A B\nd", "x\nx\nx"], 2) == {b"a b"}
-    assert dedupe.shared_lines(["same line"] * 5, 6) == frozenset()
-    assert dedupe.shared_lines([");\n)", ");", ");"], 2) == frozenset()  # no word: nothing to leave out
-    assert dedupe.shared_lines(["a\nb"] * 5, 0) == frozenset()
+    assert minhash.shared_lines(["a b\nc", "A B\nd", "x\nx\nx"], 2) == {b"a b"}
+    assert minhash.shared_lines(["same line"] * 5, 6) == frozenset()
+    assert minhash.shared_lines([");\n)", ");", ");"], 2) == frozenset()  # no word: nothing to leave out
+    assert minhash.shared_lines(["a\nb"] * 5, 0) == frozenset()
 
 
 def test_signatures_of_what_varies_equal_datasketch_minhash():
     texts = [prompted(QUESTIONS[0], ANSWERS[0]), prompted(QUESTIONS[1], ANSWERS[1]), SYSTEM_PROMPT,
              "no shared line here at all", f"{QUESTIONS[2]}\n{SYSTEM_PROMPT}"]
-    shared = dedupe.shared_lines(texts[:3], 3)
+    shared = minhash.shared_lines(texts[:3], 3)
     assert len(shared) == 8
-    hashes, offsets, _, kind = dedupe._shingles(texts, 3, shared)
-    full, _, _, (varying, unseamed, touches) = dedupe._minhash(texts, 128, 3, 1, shared)
+    hashes, offsets, _, kind = minhash._shingles(texts, 3, shared)
+    full, _, _, (varying, unseamed, touches) = minhash._minhash(texts, 128, 3, 1, shared)
     assert touches.tolist() == [True, True, True, False, True]
     for i in range(len(texts)):
         h, k = hashes[offsets[i]: offsets[i + 1]], kind[offsets[i]: offsets[i + 1]]
@@ -250,18 +250,18 @@ def test_signatures_of_what_varies_equal_datasketch_minhash():
             return ref.hashvalues
 
         assert np.array_equal(full[i], reference(np.ones(len(h), dtype=bool)))
-        if (k == dedupe.VARYING).any():
-            assert np.array_equal(varying[i], reference(k == dedupe.VARYING))
-            assert np.array_equal(unseamed[i], reference(k != dedupe.SEAM))
+        if (k == minhash.VARYING).any():
+            assert np.array_equal(varying[i], reference(k == minhash.VARYING))
+            assert np.array_equal(unseamed[i], reference(k != minhash.SEAM))
         else:  # only shared text: compared on the full text
             assert np.array_equal(varying[i], full[i]) and np.array_equal(unseamed[i], full[i])
-    assert (kind[offsets[3]: offsets[4]] == dedupe.VARYING).all()
-    assert (kind[offsets[2]: offsets[3]] == dedupe.SHARED).all()
-    assert (kind[offsets[0]: offsets[1]] == dedupe.SEAM).sum() == 2  # "...prompt's last words | question"
+    assert (kind[offsets[3]: offsets[4]] == minhash.VARYING).all()
+    assert (kind[offsets[2]: offsets[3]] == minhash.SHARED).all()
+    assert (kind[offsets[0]: offsets[1]] == minhash.SEAM).sum() == 2  # "...prompt's last words | question"
 
 
 def test_short_text_keys_compare_words_only():
-    keys = dedupe.short_text_keys(["SELECT name FROM t;", "select  name from T", "SELECT age FROM t",
+    keys = minhash.short_text_keys(["SELECT name FROM t;", "select  name from T", "SELECT age FROM t",
                                    "", make_text(1, 40)], 32)
     assert keys[0] == keys[1] != keys[2]
     assert keys[3] == keys[4] == 0  # empty, and too long to need it
@@ -272,7 +272,7 @@ def test_distinct_keys_keep_near_copies_with_other_short_answers_apart():
     texts = [f"{body}\nSELECT T2.name FROM Likes AS T1", f"{change_words(body, [20])}\nSELECT T2.name FROM Friend AS T1",
              f"{change_words(body, [30])}\nSELECT T2.name FROM Likes AS T1"]
     assert dedupe_texts(texts).reason == [None, NEAR_DUPLICATE, NEAR_DUPLICATE]
-    keys = dedupe.short_text_keys([t.split("\n")[1] for t in texts], 32)
+    keys = minhash.short_text_keys([t.split("\n")[1] for t in texts], 32)
     assert dedupe_texts(texts, distinct_keys=keys).reason == [None, None, NEAR_DUPLICATE]
 
 
@@ -283,7 +283,7 @@ def shared_corpus() -> tuple[list[str], list[int]]:
               prompted(QUESTIONS[3], ANSWERS[3])]
     corpus, _ = build_corpus()
     texts += corpus
-    keys = dedupe.short_text_keys([t.rsplit("\n", 1)[-1] for t in texts], 8)
+    keys = minhash.short_text_keys([t.rsplit("\n", 1)[-1] for t in texts], 8)
     return texts, [0] * 20 + keys[20:]  # the first 20 records are told apart by what varies alone
 
 

