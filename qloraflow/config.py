@@ -30,7 +30,8 @@ def _f(default: Any, help: str, *, execution_only: bool = False, **kw: Any) -> A
     """A dataclass field with its documentation attached (TRL's ``metadata={"help": ...}``).
 
     ``execution_only`` marks a setting that decides how the work is spread (processes, shards),
-    never what it produces: cache keys and reports leave it out (see :func:`result_settings`).
+    never what it produces: cache keys and reports leave it out (see :func:`result_settings` and
+    ``qloraflow.stages``, where such settings travel apart from each stage's settings).
     """
     metadata = {"help": help, **({"execution_only": True} if execution_only else {})}
     if isinstance(default, (list, dict)):
@@ -253,7 +254,7 @@ class FinetuneConfig:
         return dataclasses.asdict(self)
 
     def section_json(self, *names: str) -> str:
-        """Canonical JSON of some sections: what a stage's cache key is built from."""
+        """Canonical JSON of some sections."""
         d = self.to_dict()
         return json.dumps({n: d[n] for n in names}, sort_keys=True)
 

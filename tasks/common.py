@@ -1,4 +1,4 @@
-"""What every stage task does the same way: rebuild the config, open its MLflow stage run."""
+"""What every stage task does the same way: open its MLflow stage run, find its input folders."""
 
 from __future__ import annotations
 
@@ -7,16 +7,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-import yaml
 from flytekit import current_context
 from flytekit.types.directory import FlyteDirectory
 
-from qloraflow.config import FinetuneConfig, config_from_dict
+from qloraflow.stages import RunContext
 from qloraflow.tracking import MlflowTracker
-
-
-def config_of(config_yaml: str) -> FinetuneConfig:
-    return config_from_dict(yaml.safe_load(config_yaml), source="<resolved config>")
 
 
 def execution_id() -> str:
@@ -27,20 +22,20 @@ def execution_id() -> str:
         return "none"
 
 
-def stage_tracker(cfg: FinetuneConfig, stage: str, pipeline_run_id: str, run_id: Optional[str] = None,
+def stage_tracker(context: RunContext, stage: str, run_id: Optional[str] = None,
                   fallback_dir: Optional[str] = None) -> MlflowTracker:
     """A nested MLflow run for one stage under the pipeline's run."""
-    return MlflowTracker(cfg.tracking.experiment, cfg.tracking.tracking_uri, run_id=run_id,
-                         run_name=f"{cfg.name}-{stage}", parent_run_id=pipeline_run_id,
+    return MlflowTracker(context.experiment, context.tracking_uri, run_id=run_id,
+                         run_name=f"{context.name}-{stage}", parent_run_id=context.pipeline_run_id,
                          tags={"qloraflow.stage": stage, "flyte.execution_id": execution_id()},
                          fallback_dir=fallback_dir or work_dir(stage))
 
 
 @contextmanager
-def stage_run(cfg: FinetuneConfig, stage: str, pipeline_run_id: str, **kw) -> Iterator[MlflowTracker]:  # noqa: ANN003
+def stage_run(context: RunContext, stage: str, **kw) -> Iterator[MlflowTracker]:  # noqa: ANN003
     """A stage's MLflow run around its work: started before it, ended FINISHED after it, or FAILED
     (with the error as the ``qloraflow.error`` tag) when the work raises, so no run is left RUNNING."""
-    tracker = stage_tracker(cfg, stage, pipeline_run_id, **kw)
+    tracker = stage_tracker(context, stage, **kw)
     try:
         yield tracker
     except BaseException as e:

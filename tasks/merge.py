@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import typing
 from pathlib import Path
 
@@ -13,28 +12,29 @@ from qloraflow.errors import MergeVerificationError
 from qloraflow.evaluate import evaluate_model
 from qloraflow.merge import merge_and_verify, probe_rows
 from qloraflow.reports import merge_html
+from qloraflow.stages import EvalResult, MergeCheck, MergeResult, MergeSettings, RunContext, Sample
 from tasks import policy
-from tasks.common import config_of, print_line, stage_run, work_dir
+from tasks.common import print_line, stage_run, work_dir
 
-MergeOutput = typing.NamedTuple("MergeOutput", [("merged_dir", FlyteDirectory), ("report", str)])
+MergeOutput = typing.NamedTuple("MergeOutput", [("merged_dir", FlyteDirectory), ("result", MergeResult)])
 
 
 @task(cache=policy.cache("merge"), container_image=policy.TRAIN_IMAGE, requests=policy.EVAL_RESOURCES,
       accelerator=policy.TRAIN_ACCELERATOR, retries=policy.RETRIES, enable_deck=True)
-def merge_model(config_yaml: str, merge_key: str, train_dir: FlyteDirectory, data_dir: FlyteDirectory,
-                tok_dir: FlyteDirectory, candidate_metrics: str, pipeline_run_id: str) -> MergeOutput:
+def merge_model(settings: MergeSettings, train_dir: FlyteDirectory, data_dir: FlyteDirectory,
+                tok_dir: FlyteDirectory, candidate: EvalResult, context: RunContext) -> MergeOutput:
     """Merged safetensors in the training dtype; fails unless weights, outputs and metrics match the adapter."""
-    cfg = config_of(config_yaml)
+    cfg = settings.config()
     adapter = Path(train_dir.download()) / "adapter"
     merged = work_dir("merge") / "merged_model"
     data, tok = data_dir.download(), tok_dir.download()
-    with stage_run(cfg, "merge", pipeline_run_id) as tracker:
+    with stage_run(context, "merge") as tracker:
         info = merge_and_verify(cfg.model.base_model, adapter, merged, cfg.model.compute_dtype,
                                 probe_rows(tok, cfg.merge.probe_samples), cfg.merge.kl_factor)
         result = evaluate_model(cfg, str(merged), data, tok)  # the model that is served
         metrics = result.metrics
         gate = cfg.eval.gate_metric
-        adapter_metric = json.loads(candidate_metrics)["candidate"][gate]
+        adapter_metric = candidate.metrics["candidate"][gate]
         drop = adapter_metric - metrics[gate]
         if drop > cfg.merge.metric_tolerance:
             raise MergeVerificationError(f"merged model scores {gate}={metrics[gate]:.4f}, the adapter "
@@ -55,4 +55,11 @@ def merge_model(config_yaml: str, merge_key: str, train_dir: FlyteDirectory, dat
                         f"{check['weights']['worst_ulps']:.2f} ulp of base + adapter; mean KL "
                         f"{check['outputs']['mean_kl']:.2e} (bound {check['kl_bound']:.2e}), greedy agreement "
                         f"{check['outputs']['greedy_agreement']:.2%}; {gate} {metrics[gate]:.3f}")
-    return MergeOutput(merged_dir=FlyteDirectory(str(merged)), report=json.dumps(info, default=str))
+    verified = MergeCheck(worst_ulps=float(check["weights"]["worst_ulps"]),
+                          delta_lost_share=float(check["weights"]["delta_lost_share"]),
+                          mean_kl=float(check["outputs"]["mean_kl"]), kl_bound=float(check["kl_bound"]),
+                          greedy_agreement=float(check["outputs"]["greedy_agreement"]))
+    return MergeOutput(merged_dir=FlyteDirectory(str(merged)), result=MergeResult(
+        sha256=info["sha256"], bytes=int(info["bytes"]), dtype=info["dtype"], check=verified,
+        metrics={k: float(v) for k, v in metrics.items()}, metric_drop=float(drop),
+        samples=[Sample.of(s) for s in result.samples], mlflow_run_id=tracker.run_id))

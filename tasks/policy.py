@@ -4,8 +4,9 @@ Cache versions are derived, never bumped by hand: each stage's version is the ha
 task imports, followed through the package's imports (:func:`stage_files`), and of every earlier
 stage's. Edit ``qloraflow/dedupe.py`` and the data stage and everything after it re-run; edit
 ``qloraflow/serve.py`` and only deployment does.
-Inputs that do not change a result (the MLflow run to log into, the full config text) are ignored
-by the cache key.
+A stage's cache key is its settings (``qloraflow.stages``) and the folders of the stages before it;
+the inputs that do not change a result (how the work is spread, the MLflow run to log into) are
+ignored by it.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def train_resources(gpus: int) -> Resources:
 RETRIES = 2
 TRAIN_INTERRUPTIBLE = True
 
-# Inputs that never change a stage's result.
-IGNORED = ("config_yaml", "pipeline_run_id")
+# Inputs that never change a stage's result: qloraflow.stages.ExecutionSettings and RunContext.
+IGNORED = ("execution", "context")
 
 # Each stage's task modules. Its code version covers what they import from the package, transitively:
 # an edit of qloraflow/attention.py (imported by the training code) re-runs training and what follows.

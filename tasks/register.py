@@ -12,6 +12,7 @@ summary to ``<output_dir>/<name>/runs/<mlflow run id>/summary.json`` (and atomic
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -21,9 +22,11 @@ from flytekit.types.directory import FlyteDirectory
 
 from qloraflow import registry
 from qloraflow.evaluate import evaluate_model
+from qloraflow.stages import (DataResult, DeployResult, EvalResult, MergeResult, RegisterSettings, RunContext,
+                              TokenizeResult, TrainResult)
 from qloraflow.tracking import MlflowTracker
 from tasks import policy
-from tasks.common import config_of, execution_id, local_folder, print_line
+from tasks.common import execution_id, local_folder, print_line
 
 
 def _champion_metrics(cfg, client, data: str, tok: str, test_key: str) -> dict:  # noqa: ANN001
@@ -40,45 +43,54 @@ def _champion_metrics(cfg, client, data: str, tok: str, test_key: str) -> dict: 
     return evaluate_model(cfg, local, data, tok).metrics
 
 
+def _report(folder: str, run_id: str) -> dict:
+    """A stage's whole report (``report.json`` in its output folder) with the stage's MLflow run."""
+    return {**json.loads((Path(folder) / "report.json").read_text()), "mlflow_run_id": run_id}
+
+
 @task(container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES)
-def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str, eval_key: str,
-                         data_key: str, data_report: str, tok_report: str, train_summary: str, eval_metrics: str,
-                         merge_report: str, deploy_report: str, merged_dir: FlyteDirectory,
-                         data_dir: FlyteDirectory, tok_dir: FlyteDirectory) -> str:
+def register_and_promote(settings: RegisterSettings, context: RunContext, data: DataResult, data_dir: FlyteDirectory,
+                         tokenized: TokenizeResult, tok_dir: FlyteDirectory, trained: TrainResult,
+                         evaluated: EvalResult, merged: MergeResult, merged_dir: FlyteDirectory,
+                         deployed: DeployResult) -> str:
     """Log the pipeline's results, register the merged model, gate the champion alias; return the summary."""
-    cfg = config_of(config_yaml)
+    cfg = settings.config
     name = cfg.registry.model_name
-    results = json.loads(eval_metrics)
-    merge, deploy = json.loads(merge_report), json.loads(deploy_report)
-    train = json.loads(train_summary)
-    reports = {"data": json.loads(data_report), "tokenize": json.loads(tok_report), "train": train,
-               "evaluate": {"mlflow_run_id": results.pop("mlflow_run_id", None)}, "merge": merge, "deploy": deploy}
-    tracker = MlflowTracker(cfg.tracking.experiment, cfg.tracking.tracking_uri, run_id=pipeline_run_id)
-    client = registry.client_for(cfg.tracking.tracking_uri)
+    pipeline_run_id = context.pipeline_run_id
+    data_local, tok_local = data_dir.download(), tok_dir.download()
+    results = {k: dict(v) for k, v in evaluated.metrics.items()}
+    train = dataclasses.asdict(trained)
+    deploy = {k: v for k, v in dataclasses.asdict(deployed).items() if k != "skipped" or v}
+    merge = dataclasses.asdict(merged)
+    reports = {"data": _report(data_local, data.mlflow_run_id), "tokenize": _report(tok_local, tokenized.mlflow_run_id),
+               "train": train, "evaluate": {"mlflow_run_id": evaluated.mlflow_run_id}, "merge": merge,
+               "deploy": deploy}
+    tracker = MlflowTracker(context.experiment, context.tracking_uri, run_id=pipeline_run_id)
+    client = registry.client_for(context.tracking_uri)
     stages = stage_provenance(client, pipeline_run_id, reports)
-    test_key = f"{eval_key}:{data_key}"
-    results["champion"] = _champion_metrics(cfg, client, data_dir.download(), tok_dir.download(), test_key)
-    results["merged"] = merge["metrics"]
+    test_key = f"{settings.eval_digest}:{settings.data_digest}"
+    results["champion"] = _champion_metrics(cfg, client, data_local, tok_local, test_key)
+    results["merged"] = dict(merged.metrics)
     for model, metrics in results.items():
         tracker.log_metrics({f"{model}.{k}": v for k, v in metrics.items()})
 
-    version = registry.version_with_digest(client, name, merge["sha256"])
+    version = registry.version_with_digest(client, name, merged.sha256)
     created = False
     if version is None:  # upload outside the registry lock; register_once re-checks under it
         tracker.log_artifact(local_folder(merged_dir), "merged_model")
-        tracker.log_dict({"data": json.loads(data_report), "tokenize": json.loads(tok_report), "train": train,
+        tracker.log_dict({"data": reports["data"], "tokenize": reports["tokenize"], "train": train,
                           "eval": results, "merge": {k: v for k, v in merge.items() if k != "samples"},
                           "deploy": deploy}, "pipeline_report.json")
-        tags = {"train_key": train_key, "data_key": data_key, "eval_key": test_key,
-                "dataset.hash": data_key, "config.hash": cfg.hash(), "base_model": cfg.model.base_model,
+        tags = {"train_key": settings.train_digest, "data_key": settings.data_digest, "eval_key": test_key,
+                "dataset.hash": settings.data_digest, "config.hash": cfg.hash(), "base_model": cfg.model.base_model,
                 "base_model.revision": cfg.model.revision or "", "flyte.execution_id": execution_id(),
-                "adapter_run_id": train.get("mlflow_run_id", ""),
+                "adapter_run_id": trained.mlflow_run_id,
                 **{f"metric.{k}": v for k, v in results["merged"].items()}}
-        version, created = registry.register_once(client, name, merge["sha256"],
+        version, created = registry.register_once(client, name, merged.sha256,
                                                   f"runs:/{pipeline_run_id}/merged_model", pipeline_run_id, tags)
     if created:
         decision = registry.promote(client, name, version, results["merged"], results["base"],
-                                    cfg.eval.gate_metric, cfg.registry.promotion_margin, bool(deploy.get("passed")))
+                                    cfg.eval.gate_metric, cfg.registry.promotion_margin, deployed.passed)
     else:
         decision = {"promoted": False, "reason": "unchanged: already registered"}
         print_line("register", f"the same merged model as version {version}: nothing new to register")
@@ -87,18 +99,17 @@ def register_and_promote(config_yaml: str, pipeline_run_id: str, train_key: str,
     tracker.set_tags({**{f"stage.{k}": v for k, v in stages.items()}, "registry.version": version,
                       "registry.promoted": decision["promoted"], "registry.reason": decision["reason"]})
     tracker.close()
+    check = merged.check
     summary = {"mlflow_run_id": pipeline_run_id, "flyte_execution_id": execution_id(), "data": reports["data"],
                "tokenize": reports["tokenize"]["splits"], "train": train, "eval": results, "stages": stages,
-               "merged_dir": merged_dir.path, "merged_bytes": merge["bytes"],
-               "merge_check": {"worst_ulps": merge["verify"]["weights"]["worst_ulps"],
-                               "mean_kl": merge["verify"]["outputs"]["mean_kl"], "kl_bound": merge["verify"]["kl_bound"],
-                               "greedy_agreement": merge["verify"]["outputs"]["greedy_agreement"]},
-               "registry": {"model": name, "version": version,
-                                                                                   **decision},
-               "deploy": {"passed": deploy.get("passed"), "skipped": deploy.get("skipped"), "hf_agreement": deploy.get("hf_agreement", {}).get("share"),
-                          "vllm_exact_match": _served_exact_match(merge, deploy),
-                          "pid": deploy.get("pid"), "port": deploy.get("port"),
-                          "example": _example(merge, deploy), "latency": deploy.get("latency")}}
+               "merged_dir": merged_dir.path, "merged_bytes": merged.bytes,
+               "merge_check": {"worst_ulps": check.worst_ulps, "mean_kl": check.mean_kl, "kl_bound": check.kl_bound,
+                               "greedy_agreement": check.greedy_agreement},
+               "registry": {"model": name, "version": version, **decision},
+               "deploy": {"passed": deployed.passed, "skipped": deployed.skipped, "hf_agreement": deployed.hf_agreement,
+                          "vllm_exact_match": _served_exact_match(merged, deployed),
+                          "pid": deployed.pid, "port": deployed.port,
+                          "example": _example(merged, deployed), "latency": deployed.latency or None}}
     summary["summary_file"] = str(write_summary(Path(cfg.output_dir) / cfg.name, pipeline_run_id, summary))
     return format_summary(summary)
 
@@ -164,20 +175,19 @@ def stage_provenance(client, pipeline_run_id: str, reports: dict) -> dict[str, s
     return out
 
 
-def _served_exact_match(merge: dict, deploy: dict) -> float | None:
+def _served_exact_match(merged: MergeResult, deployed: DeployResult) -> float | None:
     """Share of the server's chat answers that equal the held-out reference answers."""
     from qloraflow.evaluate import exact_match
 
-    answers, refs = deploy.get("chat_answers") or [], [s["reference"] for s in merge["samples"]]
+    answers, refs = deployed.chat_answers, [s.reference for s in merged.samples]
     return sum(exact_match(a, r) for a, r in zip(answers, refs)) / len(answers) if answers else None
 
 
-def _example(merge: dict, deploy: dict) -> dict:
-    if not deploy.get("chat_answers"):
+def _example(merged: MergeResult, deployed: DeployResult) -> dict:
+    if not deployed.chat_answers:
         return {}
-    s = merge["samples"][0]
-    return {"question": s["messages"][-1]["content"], "reference": s["reference"],
-            "vllm_answer": deploy["chat_answers"][0]}
+    s = merged.samples[0]
+    return {"question": s.messages[-1]["content"], "reference": s.reference, "vllm_answer": deployed.chat_answers[0]}
 
 
 # What each evaluation row measures: the gate compares ``merged``, the model that is served.

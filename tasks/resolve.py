@@ -1,32 +1,34 @@
 """First task of every execution: validate the config, fingerprint the inputs, open the MLflow run.
 
-It is never cached: it is what notices that a file changed at the same path. The cache keys it
-returns carry exactly what decides each later stage's result, so each stage re-runs when (and only
-when) something it depends on changed.
+It is never cached: it is what notices that a file changed at the same path. The stage settings it
+returns (``qloraflow.stages``) carry exactly what decides each later stage's result, files by their
+digests, so each stage re-runs when (and only when) something it depends on changed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import typing
 from pathlib import Path
 
 from flytekit import task
 from flytekit.types.file import FlyteFile
 
-from qloraflow.config import config_to_yaml, load_config, result_settings
+from qloraflow.config import load_config
 from qloraflow.data import content_hash
 from qloraflow.errors import ConfigError
+from qloraflow.stages import (DataSettings, DeploySettings, EvalSettings, ExecutionSettings, MergeSettings,
+                              RegisterSettings, RunContext, TokenizeSettings, TrainSettings, stage_settings)
 from qloraflow.tokenize import tokenizer_hash
 from qloraflow.tracking import MlflowTracker, check_reachable, resolve_tracking_uri
 from tasks import policy
 from tasks.common import execution_id, print_line
 
 Resolved = typing.NamedTuple("Resolved", [
-    ("config_yaml", str), ("data_key", str), ("tokenize_key", str), ("train_key", str), ("eval_key", str),
-    ("merge_key", str), ("serve_key", str), ("pipeline_run_id", str), ("num_gpus", int),
-    ("data_shards", int), ("tokenize_shards", int)])
+    ("data", DataSettings), ("tokenize", TokenizeSettings), ("train", TrainSettings), ("evaluate", EvalSettings),
+    ("merge", MergeSettings), ("deploy", DeploySettings), ("register", RegisterSettings),
+    ("execution", ExecutionSettings), ("context", RunContext), ("num_gpus", int), ("data_shards", int),
+    ("tokenize_shards", int)])
 
 
 def model_fingerprint(model: str, revision: str | None) -> str:
@@ -64,35 +66,12 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
-def _key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def input_fingerprints(cfg) -> dict[str, str]:  # noqa: ANN001
     """Content hashes of the files a run reads: data, base model, its tokenizer, the eval database."""
     model_fp = model_fingerprint(cfg.model.base_model, cfg.model.revision)
     return {"data": content_hash(cfg.data.train_files + cfg.data.test_files), "model": model_fp,
             "tokenizer": tokenizer_hash(cfg.model.base_model) if Path(cfg.model.base_model).exists() else model_fp,
             "sqlite_db": content_hash([cfg.eval.sqlite_db]) if cfg.eval.sqlite_db else ""}
-
-
-def stage_keys(cfg, fp: dict[str, str]) -> dict[str, str]:  # noqa: ANN001
-    """Each stage's cache key: a hash of the config sections and input files that decide its result.
-
-    Earlier stages' outputs are inputs of the later tasks, so a stage also re-runs when one before it did.
-    """
-    d = cfg.to_dict()
-    # With data.max_tokens the data stage counts tokens with the base model's tokenizer.
-    data_tok = fp["tokenizer"] if cfg.data.max_tokens is not None else ""
-    return {
-        # Settings that only spread the work (shards, processes) give the same output: not in the keys.
-        "data_key": _key(result_settings(cfg.data), cfg.seed, fp["data"], data_tok),
-        "tokenize_key": _key(result_settings(cfg.tokenize), fp["tokenizer"]),
-        "train_key": _key(d["model"], d["lora"], result_settings(cfg.train), cfg.seed, fp["model"]),
-        "eval_key": _key(d["eval"], cfg.model.compute_dtype, fp["sqlite_db"]),
-        "merge_key": _key(d["merge"], cfg.model.compute_dtype),
-        "serve_key": _key(d["serve"]),
-    }
 
 
 @task(container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES)
@@ -105,7 +84,7 @@ def resolve_config(config: FlyteFile) -> Resolved:
     check_reachable(resolve_tracking_uri(cfg.tracking.tracking_uri))
     d = cfg.to_dict()
     fp = input_fingerprints(cfg)
-    keys = stage_keys(cfg, fp)
+    settings = stage_settings(cfg, fp)
     tracker = MlflowTracker(cfg.tracking.experiment, cfg.tracking.tracking_uri, run_name=cfg.name,
                             tags={"flyte.execution_id": execution_id(), "qloraflow.pipeline": "finetune",
                                   "dataset.hash": fp["data"], "config.hash": cfg.hash(),
@@ -115,5 +94,7 @@ def resolve_config(config: FlyteFile) -> Resolved:
     tracker.log_params({**flat, "name": cfg.name, "seed": cfg.seed})
     tracker.log_dict(d, "config.json")
     print_line("resolve", f"config {cfg.name} valid; data {fp['data'][:12]}; MLflow run {tracker.run_id}")
-    return Resolved(config_yaml=config_to_yaml(cfg), pipeline_run_id=tracker.run_id, num_gpus=cfg.train.num_gpus,
-                    data_shards=cfg.data.num_shards, tokenize_shards=cfg.tokenize.num_shards, **keys)
+    context = RunContext(pipeline_run_id=tracker.run_id, name=cfg.name, experiment=cfg.tracking.experiment,
+                         tracking_uri=cfg.tracking.tracking_uri)
+    return Resolved(**settings._asdict(), context=context, num_gpus=cfg.train.num_gpus,
+                    data_shards=cfg.data.num_shards, tokenize_shards=cfg.tokenize.num_shards)

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import typing
 from pathlib import Path
 
@@ -15,65 +14,71 @@ from flytekit import Deck, task
 from flytekit.types.directory import FlyteDirectory
 
 from qloraflow import shard as sharding
-from qloraflow.config import FinetuneConfig
+from qloraflow.config import TokenizeConfig
 from qloraflow.reports import tokenize_html
+from qloraflow.stages import ExecutionSettings, RunContext, TokenizeResult, TokenizeSettings
 from qloraflow.tokenize import tokenize_dataset
 from tasks import policy
-from tasks.common import config_of, print_line, stage_run, work_dir
+from tasks.common import print_line, stage_run, work_dir
 
-TokenizeOutput = typing.NamedTuple("TokenizeOutput", [("tok_dir", FlyteDirectory), ("report", str)])
+TokenizeOutput = typing.NamedTuple("TokenizeOutput", [("tok_dir", FlyteDirectory), ("result", TokenizeResult)])
 
 
 @task(cache=policy.cache("tokenize"), container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES,
       retries=policy.RETRIES, enable_deck=True)
-def tokenize_data(config_yaml: str, tokenize_key: str, data_dir: FlyteDirectory,
-                  pipeline_run_id: str) -> TokenizeOutput:
+def tokenize_data(settings: TokenizeSettings, data_dir: FlyteDirectory, execution: ExecutionSettings,
+                  context: RunContext) -> TokenizeOutput:
     """Tokenized Arrow splits, the tokenizer with the chat template used, and the token report."""
-    cfg = config_of(config_yaml)
-    out = work_dir("tokenize")
-    return _tracked(cfg, out, pipeline_run_id,
-                    lambda: tokenize_dataset(cfg.tokenize, data_dir.download(), cfg.model.base_model, out))
+    tokenize, out = _tokenize_config(settings, execution), work_dir("tokenize")
+    return _tracked(context, out, lambda: tokenize_dataset(tokenize, data_dir.download(), settings.base_model, out))
 
 
 @task(cache=policy.cache("tokenize"), container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES,
       retries=policy.RETRIES)
-def plan_tokenize_shards(config_yaml: str, tokenize_key: str, data_dir: FlyteDirectory, num_shards: int) -> list[str]:
+def plan_tokenize_shards(settings: TokenizeSettings, data_dir: FlyteDirectory, num_shards: int) -> list[str]:
     """The prepared splits' rows cut into at most ``num_shards`` shards of about equal rows."""
     return sharding.plan_tokenize_shards(data_dir.download(), num_shards)
 
 
 @task(cache=policy.cache("tokenize"), container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES,
       retries=policy.RETRIES)
-def tokenize_shard(config_yaml: str, tokenize_key: str, data_dir: FlyteDirectory, shard: str) -> FlyteDirectory:
+def tokenize_shard(settings: TokenizeSettings, data_dir: FlyteDirectory, execution: ExecutionSettings,
+                   shard: str) -> FlyteDirectory:
     """One shard's records encoded (input ids and labels; no length policy or packing yet)."""
-    cfg = config_of(config_yaml)
     out = work_dir(f"tokenize-shard-{sharding.shard_name(shard)}")  # map tasks run locally share a working directory
-    sharding.tokenize_shard(cfg.tokenize, shard, data_dir.download(), cfg.model.base_model, out)
+    sharding.tokenize_shard(_tokenize_config(settings, execution), shard, data_dir.download(), settings.base_model, out)
     return FlyteDirectory(str(out))
 
 
 @task(cache=policy.cache("tokenize"), container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES,
       retries=policy.RETRIES, enable_deck=True)
-def merge_tokenize_shards(config_yaml: str, tokenize_key: str, data_dir: FlyteDirectory, parts: list[FlyteDirectory],
-                          pipeline_run_id: str) -> TokenizeOutput:
+def merge_tokenize_shards(settings: TokenizeSettings, data_dir: FlyteDirectory, parts: list[FlyteDirectory],
+                          execution: ExecutionSettings, context: RunContext) -> TokenizeOutput:
     """Length policy and packing over every shard's rows in data order: ``tokenize_data``'s outputs."""
-    cfg = config_of(config_yaml)
-    out = work_dir("tokenize")
+    tokenize, out = _tokenize_config(settings, execution), work_dir("tokenize")
     folders = [part.download() for part in parts]
-    return _tracked(cfg, out, pipeline_run_id, lambda: sharding.merge_tokenize_shards(
-        cfg.tokenize, folders, data_dir.download(), cfg.model.base_model, out))
+    return _tracked(context, out, lambda: sharding.merge_tokenize_shards(
+        tokenize, folders, data_dir.download(), settings.base_model, out))
 
 
-def _tracked(cfg: FinetuneConfig, out: Path, pipeline_run_id: str,
-             tokenize: typing.Callable[[], dict]) -> TokenizeOutput:
+def _tokenize_config(settings: TokenizeSettings, execution: ExecutionSettings) -> TokenizeConfig:
+    return execution.apply("tokenize", settings.tokenize)
+
+
+def _tracked(context: RunContext, out: Path, tokenize: typing.Callable[[], dict]) -> TokenizeOutput:
     """Run the stage under its MLflow run; log the token counts and report, and show it as a Deck."""
-    with stage_run(cfg, "tokenize", pipeline_run_id) as tracker:
+    with stage_run(context, "tokenize") as tracker:
         report = tokenize()
         for split, r in report["splits"].items():
             tracker.log_metrics({f"{split}.{k}": v for k, v in r.items()})
         tracker.log_artifact(out / "report.json", "tokenize")
     Deck("tokenize report", tokenize_html(report))
-    report["mlflow_run_id"] = tracker.run_id
-    train = report["splits"].get("train", {})
+    splits = report["splits"]
+    train = splits.get("train", {})
     print_line("tokenize", f"{train.get('tokens')} train tokens, packing efficiency {train.get('packing_efficiency')}")
-    return TokenizeOutput(tok_dir=FlyteDirectory(str(out)), report=json.dumps(report))
+    result = TokenizeResult(tokens={k: int(v["tokens"]) for k, v in splits.items()},
+                            trained_tokens={k: int(v["trained_tokens"]) for k, v in splits.items()},
+                            packing_efficiency={k: float(v.get("packing_efficiency") or 0.0)
+                                                for k, v in splits.items()},
+                            mlflow_run_id=tracker.run_id)
+    return TokenizeOutput(tok_dir=FlyteDirectory(str(out)), result=result)

@@ -16,20 +16,22 @@ from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
 
 from qloraflow.reports import train_html
+from qloraflow.stages import ExecutionSettings, RunContext, TrainResult, TrainSettings
 from qloraflow.train import train_adapter
 from tasks import policy
-from tasks.common import config_of, print_line, stage_run, work_dir
+from tasks.common import print_line, stage_run, work_dir
 
-TrainOutput = typing.NamedTuple("TrainOutput", [("train_dir", FlyteDirectory), ("summary", str)])
+TrainOutput = typing.NamedTuple("TrainOutput", [("train_dir", FlyteDirectory), ("result", TrainResult)])
 RUN_ID_FILE = "mlflow_run_id"
 
 
 @task(cache=policy.cache("train"), container_image=policy.TRAIN_IMAGE, requests=policy.TRAIN_RESOURCES,
       accelerator=policy.TRAIN_ACCELERATOR, interruptible=policy.TRAIN_INTERRUPTIBLE, retries=policy.RETRIES,
       enable_deck=True)
-def train_model(config_yaml: str, train_key: str, tok_dir: FlyteDirectory, pipeline_run_id: str) -> TrainOutput:
-    """Train the adapter; returns the training folder (``adapter/``, ``train_result.json``) and a summary."""
-    cfg = config_of(config_yaml)
+def train_model(settings: TrainSettings, tok_dir: FlyteDirectory, execution: ExecutionSettings,
+                context: RunContext) -> TrainOutput:
+    """Train the adapter; returns the training folder (``adapter/``, ``train_result.json``) and what it did."""
+    cfg = settings.config(execution)
     out = work_dir("train")
     store = current_context().checkpoint
     checkpoints = out / "checkpoints"
@@ -42,7 +44,7 @@ def train_model(config_yaml: str, train_key: str, tok_dir: FlyteDirectory, pipel
         if store is not None:
             store.save(folder)
 
-    with stage_run(cfg, "train", pipeline_run_id, run_id=run_id) as tracker:  # FAILED on any error
+    with stage_run(context, "train", run_id=run_id) as tracker:  # FAILED on any error
         run_file.write_text(tracker.run_id)
         try:
             summary = train_adapter(cfg, tok_dir.download(), out, tracker=tracker, on_checkpoint=save_checkpoints)
@@ -55,4 +57,4 @@ def train_model(config_yaml: str, train_key: str, tok_dir: FlyteDirectory, pipel
     Deck("training", train_html(summary, json.loads(history.read_text()) if history.exists() else []))
     print_line("train", f"{summary['global_step']} steps, loss {summary['train_loss_first']:.3f} -> "
                         f"{summary['train_loss_last']:.3f} in {summary['train_seconds']:.0f}s")
-    return TrainOutput(train_dir=FlyteDirectory(str(out)), summary=json.dumps(summary, default=str))
+    return TrainOutput(train_dir=FlyteDirectory(str(out)), result=TrainResult.of(summary, tracker.run_id))

@@ -16,16 +16,16 @@ changed per execution: there is one task per node size in ``policy.MULTI_GPU_COU
 
 from __future__ import annotations
 
-import json
 import os
 
 from flytekit import current_context, task
 from flytekit.types.directory import FlyteDirectory
 from flytekitplugins.kfpytorch import Elastic
 
+from qloraflow.stages import ExecutionSettings, RunContext, TrainResult, TrainSettings
 from qloraflow.train import train_adapter
 from tasks import policy
-from tasks.common import config_of, work_dir
+from tasks.common import work_dir
 from tasks.train import TrainOutput, train_model
 
 
@@ -37,16 +37,16 @@ def on_gpus(gpus: int):  # noqa: ANN201 - a flytekit task decorator
                 retries=policy.RETRIES, shared_memory=True)  # NCCL exchanges through /dev/shm
 
 
-def train_on_this_rank(config_yaml: str, train_key: str, tok_dir: FlyteDirectory, pipeline_run_id: str) -> TrainOutput:
+def train_on_this_rank(settings: TrainSettings, tok_dir: FlyteDirectory, execution: ExecutionSettings,
+                       context: RunContext) -> TrainOutput:
     """One worker's part: rank 0 is ``train_model``; the others train without side effects."""
-    cfg = config_of(config_yaml)
+    cfg = settings.config(execution)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.train.num_gpus != world:
         raise ValueError(f"'train.num_gpus' is {cfg.train.num_gpus} but this task runs {world} processes; "
                          "the workflow picks the task from train.num_gpus")
     if int(os.environ.get("RANK", "0")) == 0:
-        return train_model.task_function(config_yaml=config_yaml, train_key=train_key, tok_dir=tok_dir,
-                                         pipeline_run_id=pipeline_run_id)
+        return train_model.task_function(settings=settings, tok_dir=tok_dir, execution=execution, context=context)
     out = work_dir("train")  # this worker's own folder
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -55,25 +55,28 @@ def train_on_this_rank(config_yaml: str, train_key: str, tok_dir: FlyteDirectory
     except NotImplementedError:  # no checkpoint store in this execution
         pass
     summary = train_adapter(cfg, tok_dir.download(), out)
-    return TrainOutput(train_dir=FlyteDirectory(str(out)), summary=json.dumps(summary, default=str))  # not used
+    return TrainOutput(train_dir=FlyteDirectory(str(out)), result=TrainResult.of(summary))  # not used
 
 
 @on_gpus(2)
-def train_model_2gpu(config_yaml: str, train_key: str, tok_dir: FlyteDirectory, pipeline_run_id: str) -> TrainOutput:
+def train_model_2gpu(settings: TrainSettings, tok_dir: FlyteDirectory, execution: ExecutionSettings,
+                     context: RunContext) -> TrainOutput:
     """Train the adapter on 2 GPUs of one node; the outputs are ``train_model``'s."""
-    return train_on_this_rank(config_yaml, train_key, tok_dir, pipeline_run_id)
+    return train_on_this_rank(settings, tok_dir, execution, context)
 
 
 @on_gpus(4)
-def train_model_4gpu(config_yaml: str, train_key: str, tok_dir: FlyteDirectory, pipeline_run_id: str) -> TrainOutput:
+def train_model_4gpu(settings: TrainSettings, tok_dir: FlyteDirectory, execution: ExecutionSettings,
+                     context: RunContext) -> TrainOutput:
     """Train the adapter on 4 GPUs of one node; the outputs are ``train_model``'s."""
-    return train_on_this_rank(config_yaml, train_key, tok_dir, pipeline_run_id)
+    return train_on_this_rank(settings, tok_dir, execution, context)
 
 
 @on_gpus(8)
-def train_model_8gpu(config_yaml: str, train_key: str, tok_dir: FlyteDirectory, pipeline_run_id: str) -> TrainOutput:
+def train_model_8gpu(settings: TrainSettings, tok_dir: FlyteDirectory, execution: ExecutionSettings,
+                     context: RunContext) -> TrainOutput:
     """Train the adapter on 8 GPUs of one node; the outputs are ``train_model``'s."""
-    return train_on_this_rank(config_yaml, train_key, tok_dir, pipeline_run_id)
+    return train_on_this_rank(settings, tok_dir, execution, context)
 
 
 # The train task for each node size, as the workflow picks them by train.num_gpus.

@@ -7,6 +7,7 @@ and each trains the real 4-bit tiny model (bitsandbytes NF4, peft, TRL) with DDP
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -44,7 +45,9 @@ def test_elastic_task_trains_one_adapter_on_two_processes(tmp_path, tiny_model_d
     from transformers import set_seed
 
     from qloraflow import train as T
+    from qloraflow.stages import RunContext, stage_settings
     from qloraflow.tracking import MlflowTracker
+    from tasks.resolve import input_fingerprints
     from tasks.train_elastic import train_model_2gpu
 
     rows, tokens = _even_split(tiny_tokenized, tmp_path / "tok")
@@ -54,10 +57,13 @@ def test_elastic_task_trains_one_adapter_on_two_processes(tmp_path, tiny_model_d
                                          "tracking.tracking_uri": uri, "tracking.experiment": "elastic"})
     pipeline = MlflowTracker("elastic", uri, run_name="pipeline")
 
-    out = train_model_2gpu(config_yaml=yaml.safe_dump(cfg.to_dict()), train_key=uuid.uuid4().hex,
-                           tok_dir=FlyteDirectory(str(tmp_path / "tok")), pipeline_run_id=pipeline.run_id)
+    settings = stage_settings(cfg, input_fingerprints(cfg))
+    train = dataclasses.replace(settings.train, model_digest=uuid.uuid4().hex)  # this test's own cache entry
+    out = train_model_2gpu(settings=train, tok_dir=FlyteDirectory(str(tmp_path / "tok")), execution=settings.execution,
+                           context=RunContext(pipeline_run_id=pipeline.run_id, name=cfg.name, experiment="elastic",
+                                              tracking_uri=uri))
 
-    summary = json.loads(out.summary)
+    summary = dataclasses.asdict(out.result)
     assert summary["world_size"] == 2
     # One epoch of micro-batches of 1 took rows/2 steps: each step trained one row on each rank, and
     # the ranks trained on disjoint halves (every row's tokens counted exactly once).

@@ -9,7 +9,7 @@ checkpoint, as Flyte does for a retry or after a preemption.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import signal
 import subprocess
@@ -61,21 +61,34 @@ def _read_outputs(folder: Path) -> dict:
     return {k: v for k, v in lm.literals.items()}
 
 
+def _read_result(folder: Path, python_type: type):  # noqa: ANN202
+    """The task's ``result`` output, as the next task would receive it."""
+    from flytekit.core.context_manager import FlyteContextManager
+    from flytekit.core.type_engine import TypeEngine
+    from flytekit.models.literals import Literal
+
+    literal = Literal.from_flyte_idl(_read_outputs(folder)["result"])
+    return TypeEngine.to_python_value(FlyteContextManager.current_context(), literal, python_type)
+
+
 def test_retried_attempt_resumes_from_the_checkpoint_store_in_the_same_mlflow_run(
         tmp_path, tiny_model_dir, tiny_tokenized, mlflow_server):
     from flytekit.types.directory import FlyteDirectory
     from mlflow.tracking import MlflowClient
 
-    from qloraflow.config import config_to_yaml
+    from qloraflow.stages import ExecutionSettings, RunContext, TrainResult, TrainSettings, stage_settings
     from qloraflow.tracking import MlflowTracker
+    from tasks.resolve import input_fingerprints
 
     cfg = tiny_config(tiny_model_dir, **{"train.max_steps": 16, "train.save_steps": 2, "train.logging_steps": 1,
                                          "tracking.tracking_uri": mlflow_server, "tracking.experiment": "retry"})
     pipeline = MlflowTracker("retry", mlflow_server, run_name="pipeline")
+    context = RunContext(pipeline_run_id=pipeline.run_id, name=cfg.name, experiment="retry", tracking_uri=mlflow_server)
     _write_inputs(tmp_path / "inputs.pb",
-                  {"config_yaml": config_to_yaml(cfg), "train_key": "k", "tok_dir": FlyteDirectory(str(tiny_tokenized)),
-                   "pipeline_run_id": pipeline.run_id},
-                  {"config_yaml": str, "train_key": str, "tok_dir": FlyteDirectory, "pipeline_run_id": str})
+                  {"settings": stage_settings(cfg, input_fingerprints(cfg)).train,
+                   "tok_dir": FlyteDirectory(str(tiny_tokenized)), "execution": ExecutionSettings(), "context": context},
+                  {"settings": TrainSettings, "tok_dir": FlyteDirectory, "execution": ExecutionSettings,
+                   "context": RunContext})
     env = dict(os.environ, PYTHONUNBUFFERED="1", MLFLOW_TRACKING_URI=mlflow_server, HF_HUB_OFFLINE="1")
     pyflyte_execute = str(Path(sys.executable).with_name("pyflyte-execute"))
 
@@ -101,7 +114,7 @@ def test_retried_attempt_resumes_from_the_checkpoint_store_in_the_same_mlflow_ru
                             env=env, capture_output=True, text=True, timeout=600)
     log1 = second.stdout + second.stderr
     assert second.returncode == 0, log1[-4000:]
-    summary = json.loads(_read_outputs(tmp_path / "out-1")["summary"].scalar.primitive.string_value)
+    summary = dataclasses.asdict(_read_result(tmp_path / "out-1", TrainResult))
     assert Path(summary["resumed_from"]).name in {"checkpoint-2", "checkpoint-4", "checkpoint-6"}, summary
     assert summary["global_step"] == 16
     assert summary["mlflow_run_id"] == run_id  # the same MLflow run, continued

@@ -58,7 +58,7 @@ def test_every_task_names_its_image_and_resources(task, image):
 
 def test_cache_ignores_bookkeeping_inputs_and_versions_follow_the_code():
     t = serialize(prepare_data).template
-    assert set(t.metadata.cache_ignore_input_vars) == {"config_yaml", "pipeline_run_id"}
+    assert set(t.metadata.cache_ignore_input_vars) == {"execution", "context"}
     versions = [policy.code_version(s) for s in policy.ORDER]
     assert len(set(versions)) == len(versions)  # each stage has its own version
     assert serialize(register_and_promote).template.metadata.discoverable is False  # the gate always runs
@@ -159,3 +159,39 @@ def test_pyflyte_package_serializes_every_task_workflow_and_launch_plan(tmp_path
     assert tasks["tasks.data.prepare_data"].container.image == policy.DATA_IMAGE
     elastic = [t for name, t in tasks.items() if name.startswith("tasks.train_elastic.")]
     assert len(elastic) == len(policy.MULTI_GPU_COUNTS)
+
+
+def _all_tasks() -> dict:
+    import importlib
+
+    from flytekit.core.base_task import PythonTask
+
+    found = {}
+    for module in ("tasks.resolve", "tasks.data", "tasks.tokenize", "tasks.train", "tasks.train_elastic",
+                   "tasks.evaluate", "tasks.merge", "tasks.deploy", "tasks.register"):
+        for name, value in vars(importlib.import_module(module)).items():
+            if isinstance(value, PythonTask) and value.name.startswith(module):
+                found[value.name] = value
+    return found
+
+
+def test_no_task_takes_config_text_or_returns_json_text():
+    """The stages' contracts are typed (qloraflow/stages.py): no YAML config, no JSON results, no hand-made keys."""
+    import dataclasses
+
+    tasks = _all_tasks()
+    assert len(tasks) >= 16
+    for name, t in tasks.items():
+        inputs, outputs = t.python_interface.inputs, t.python_interface.outputs
+        assert not {"config_yaml", "pipeline_run_id"} & set(inputs), name
+        assert not [i for i in inputs if i.endswith("_key")], name
+        # the only text inputs are shard names, which a plan task made
+        assert [i for i, tp in inputs.items() if tp is str] in ([], ["shard"]), (name, inputs)
+        text_out = [o for o, tp in outputs.items() if tp is str]
+        assert text_out == (["o0"] if name == "tasks.register.register_and_promote" else []), (name, outputs)
+        if name != "tasks.resolve.resolve_config":
+            typed = [i for i, tp in inputs.items() if dataclasses.is_dataclass(tp)]
+            assert "settings" in typed or name.endswith("register_and_promote"), (name, inputs)
+        # what only spreads the work or names the MLflow run is never in a cache key
+        if t.metadata.cache:
+            assert {"execution", "context"} & set(inputs) <= set(t.metadata.cache_ignore_input_vars), name

@@ -7,6 +7,7 @@ sharded sub-workflows run locally through flytekit's map task against the single
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qloraflow import shard
-from qloraflow.config import DataConfig, TokenizeConfig, config_from_dict, config_to_yaml
+from qloraflow.config import DataConfig, TokenizeConfig, config_from_dict
 from qloraflow.data import prepare_dataset
 from qloraflow.dedupe import dedupe_signatures, dedupe_texts, record_signatures
 from qloraflow.demo import generate_demo_assets
@@ -215,8 +216,10 @@ def test_merge_refuses_an_incomplete_plan_or_other_settings(demo_cfg, tmp_path):
 
 
 def test_flyte_sharded_data_and_tokenize_match_the_single_tasks(demo, tmp_path):
+    from qloraflow.stages import RunContext, stage_settings
     from qloraflow.tracking import MlflowTracker
     from tasks.data import prepare_data
+    from tasks.resolve import input_fingerprints
     from tasks.tokenize import tokenize_data
     from workflows.sharded import sharded_data, sharded_tokenize
 
@@ -227,21 +230,27 @@ def test_flyte_sharded_data_and_tokenize_match_the_single_tasks(demo, tmp_path):
                  "num_shards": 3},
         "model": {"base_model": str(root / "base-model")}, "tokenize": {"sequence_len": 256, "num_shards": 3},
         "tracking": {"tracking_uri": uri, "experiment": "sharded"}})
-    config_yaml = config_to_yaml(cfg)
     run_id = MlflowTracker("sharded", uri, run_name="pipeline").run_id
     key = uuid.uuid4().hex  # this test's own cache entries
-    common = dict(config_yaml=config_yaml, pipeline_run_id=run_id)
+    settings = stage_settings(cfg, input_fingerprints(cfg))
+    data = dataclasses.replace(settings.data, data_digest=f"{settings.data.data_digest}-{key}")
+    tok = dataclasses.replace(settings.tokenize, tokenizer_digest=f"{settings.tokenize.tokenizer_digest}-{key}")
+    common = dict(execution=settings.execution, context=RunContext(pipeline_run_id=run_id, name=cfg.name,
+                                                                   experiment="sharded", tracking_uri=uri))
 
-    one = prepare_data(data_key=key, **common)
-    three = sharded_data(data_key=key, num_shards=3, **common)
+    one = prepare_data(settings=data, **common)
+    three = sharded_data(settings=data, num_shards=3, **common)
     assert_same_files(Path(one.data_dir.path), Path(three.data_dir.path))
-    reports = [json.loads(out.report) for out in (one, three)]
-    assert reports[0].pop("mlflow_run_id") != reports[1].pop("mlflow_run_id")  # each logged its own stage run
+    reports = [json.loads((Path(out.data_dir.path) / "report.json").read_text()) for out in (one, three)]
     assert reports[0] == reports[1] and reports[0]["dedupe"]["near_duplicates"] > 0
+    assert one.result.mlflow_run_id != three.result.mlflow_run_id  # each logged its own stage run
+    assert dataclasses.replace(one.result, mlflow_run_id="") == dataclasses.replace(three.result, mlflow_run_id="")
+    assert one.result.read == reports[0]["read"] and one.result.kept == reports[0]["kept"]
 
-    tok_one = tokenize_data(tokenize_key=key, data_dir=one.data_dir, **common)
-    tok_three = sharded_tokenize(tokenize_key=key, data_dir=three.data_dir, num_shards=3, **common)
+    tok_one = tokenize_data(settings=tok, data_dir=one.data_dir, **common)
+    tok_three = sharded_tokenize(settings=tok, data_dir=three.data_dir, num_shards=3, **common)
     assert_same_files(Path(tok_one.tok_dir.path), Path(tok_three.tok_dir.path))
+    assert tok_one.result.tokens == tok_three.result.tokens
 
-    again = sharded_data(data_key=key, num_shards=3, **common)  # every task of it comes from the cache
-    assert again.data_dir.path == three.data_dir.path and again.report == three.report
+    again = sharded_data(settings=data, num_shards=3, **common)  # every task of it comes from the cache
+    assert again.data_dir.path == three.data_dir.path and again.result == three.result

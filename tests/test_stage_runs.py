@@ -17,7 +17,7 @@ def test_a_failing_stage_leaves_its_run_failed_not_running(tmp_path, monkeypatch
     from flytekit.types.directory import FlyteDirectory
 
     from conftest import tiny_config, write_splits
-    from qloraflow.config import config_to_yaml
+    from qloraflow.stages import ExecutionSettings, RunContext, TokenizeSettings
     from qloraflow.tracking import MlflowTracker
     from tasks.tokenize import tokenize_data
 
@@ -27,15 +27,20 @@ def test_a_failing_stage_leaves_its_run_failed_not_running(tmp_path, monkeypatch
                                          "model.base_model": str(tmp_path / "no-such-model")})
     pipeline = MlflowTracker("stage-runs", uri, run_name="pipeline")
     data = write_splits(tmp_path / "data")
+    context = RunContext(pipeline_run_id=pipeline.run_id, name=cfg.name, experiment="stage-runs", tracking_uri=uri)
+
+    def settings(c, key: str) -> TokenizeSettings:  # noqa: ANN001
+        return TokenizeSettings(tokenize=c.tokenize, base_model=c.model.base_model, tokenizer_digest=key)
+
     with pytest.raises(Exception, match="no-such-model"):
-        tokenize_data(config_yaml=config_to_yaml(cfg), tokenize_key="failing", data_dir=FlyteDirectory(str(data)),
-                      pipeline_run_id=pipeline.run_id)
+        tokenize_data(settings=settings(cfg, "failing"), data_dir=FlyteDirectory(str(data)),
+                      execution=ExecutionSettings(), context=context)
     (run,) = _runs_of(uri, "stage-runs", "tokenize")
     assert run.info.status == "FAILED"  # not RUNNING for good
     assert "no-such-model" in run.data.tags["qloraflow.error"]
     # the same stage with a model that exists ends FINISHED (the control)
     ok = tiny_config(tiny_model_dir, **{"tracking.tracking_uri": uri, "tracking.experiment": "stage-runs"})
-    tokenize_data(config_yaml=config_to_yaml(ok), tokenize_key="passing", data_dir=FlyteDirectory(str(data)),
-                  pipeline_run_id=pipeline.run_id)
+    tokenize_data(settings=settings(ok, "passing"), data_dir=FlyteDirectory(str(data)),
+                  execution=ExecutionSettings(), context=context)
     statuses = sorted(r.info.status for r in _runs_of(uri, "stage-runs", "tokenize"))
     assert statuses == ["FAILED", "FINISHED"]

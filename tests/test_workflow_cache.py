@@ -2,7 +2,8 @@
 
 Eight `pyflyte run` executions of the finetune workflow on one Flyte cache and one MLflow server, each
 after one change (none; the data file rewritten at the same path; train.learning_rate;
-train.distributed, which only says how several GPUs would share the work; the base model's chat
+the execution-only settings, which only say how the work is spread (train.distributed for several
+GPUs, data.dedupe_workers, tokenize.num_proc) and never reach a cache key; the base model's chat
 template; the code of qloraflow/merge.py; the code of qloraflow/attention.py, which only the training
 code imports). Every execution's summary says, per stage,
 "ran" or "cached (computed by pipeline run X)"; each must name exactly the stages the change
@@ -29,7 +30,7 @@ CHANGES = {
     "unchanged": set(),
     "data": set(STAGES),
     "config": {"train", "evaluate", "merge"},
-    "distributed": set(),  # execution-only: never in a cache key
+    "execution": set(),  # execution-only: never in a cache key
     "tokenizer": {"tokenize", "train", "evaluate", "merge"},
     "code": {"merge"},
     "attention": {"train", "evaluate", "merge"},  # found through train.py's imports, listed nowhere
@@ -66,7 +67,9 @@ def executions(tmp_path_factory, mlflow_server, small_demo):
     cfg["train"]["learning_rate"] = 1e-3
     execute("config")
     cfg["train"]["distributed"] = "fsdp"
-    execute("distributed")
+    cfg["data"]["dedupe_workers"] = 1
+    cfg["tokenize"]["num_proc"] = 2
+    execute("execution")
     template = TEMPLATES["chatml"].replace("message['role'] + '\n'", "message['role'] + ':\n'").replace(
         "'<|im_start|>assistant\n'", "'<|im_start|>assistant:\n'")
     assert template != TEMPLATES["chatml"] and (demo / "base-model" / "chat_template.jinja").exists()

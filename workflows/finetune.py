@@ -32,31 +32,27 @@ from workflows.sharded import sharded_data, sharded_tokenize
 def finetune(config: FlyteFile) -> str:
     """ingest/clean/dedupe -> tokenize -> QLoRA train -> evaluate -> merge -> deploy -> register/promote."""
     r = resolve_config(config=config)
+    # Each stage takes its settings (its cache key, with the folders of the stages before it); how the
+    # work is spread (execution) and where it is logged (context) are inputs the cache ignores.
     # data.num_shards / tokenize.num_shards above 1: a map task over shards, the same outputs (workflows/sharded.py).
-    data_inputs = dict(config_yaml=r.config_yaml, data_key=r.data_key, pipeline_run_id=r.pipeline_run_id)
-    data = (conditional("data").if_(r.data_shards == 1).then(prepare_data(**data_inputs))
-            .else_().then(sharded_data(**data_inputs, num_shards=r.data_shards)))
-    tok_inputs = dict(config_yaml=r.config_yaml, tokenize_key=r.tokenize_key, data_dir=data.data_dir,
-                      pipeline_run_id=r.pipeline_run_id)
+    spread = dict(execution=r.execution, context=r.context)
+    data = (conditional("data").if_(r.data_shards == 1).then(prepare_data(settings=r.data, **spread))
+            .else_().then(sharded_data(settings=r.data, **spread, num_shards=r.data_shards)))
+    tok_inputs = dict(settings=r.tokenize, data_dir=data.data_dir, **spread)
     tok = (conditional("tokenize").if_(r.tokenize_shards == 1).then(tokenize_data(**tok_inputs))
            .else_().then(sharded_tokenize(**tok_inputs, num_shards=r.tokenize_shards)))
     # train.num_gpus picks the train task: one GPU, or torchrun over N GPUs of one node (tasks/train_elastic.py).
-    train_inputs = dict(config_yaml=r.config_yaml, train_key=r.train_key, tok_dir=tok.tok_dir,
-                        pipeline_run_id=r.pipeline_run_id)
+    train_inputs = dict(settings=r.train, tok_dir=tok.tok_dir, **spread)
     train_step = conditional("train").if_(r.num_gpus == 1).then(train_model(**train_inputs))
     for gpus, train_on_gpus in TRAIN_ON_GPUS.items():
         train_step = train_step.elif_(r.num_gpus == gpus).then(train_on_gpus(**train_inputs))
     trained = train_step.else_().fail("train.num_gpus has no train task; resolve_config lists the node sizes")
-    evaluated = evaluate_candidate(config_yaml=r.config_yaml, eval_key=r.eval_key, data_dir=data.data_dir,
-                                   tok_dir=tok.tok_dir, train_dir=trained.train_dir,
-                                   pipeline_run_id=r.pipeline_run_id)
-    merged = merge_model(config_yaml=r.config_yaml, merge_key=r.merge_key, train_dir=trained.train_dir,
-                         data_dir=data.data_dir, tok_dir=tok.tok_dir, candidate_metrics=evaluated.metrics,
-                         pipeline_run_id=r.pipeline_run_id)
-    deployed = deploy_model(config_yaml=r.config_yaml, serve_key=r.serve_key, merged_dir=merged.merged_dir,
-                            merge_report=merged.report, pipeline_run_id=r.pipeline_run_id)
+    evaluated = evaluate_candidate(settings=r.evaluate, data_dir=data.data_dir, tok_dir=tok.tok_dir,
+                                   train_dir=trained.train_dir, context=r.context)
+    merged = merge_model(settings=r.merge, train_dir=trained.train_dir, data_dir=data.data_dir, tok_dir=tok.tok_dir,
+                         candidate=evaluated, context=r.context)
+    deployed = deploy_model(settings=r.deploy, merged_dir=merged.merged_dir, merged=merged.result, context=r.context)
     return register_and_promote(
-        config_yaml=r.config_yaml, pipeline_run_id=r.pipeline_run_id, train_key=r.train_key, eval_key=r.eval_key,
-        data_key=r.data_key, data_report=data.report, tok_report=tok.report, train_summary=trained.summary,
-        eval_metrics=evaluated.metrics, merge_report=merged.report, deploy_report=deployed.report,
-        merged_dir=merged.merged_dir, data_dir=data.data_dir, tok_dir=tok.tok_dir)
+        settings=r.register, context=r.context, data=data.result, data_dir=data.data_dir, tokenized=tok.result,
+        tok_dir=tok.tok_dir, trained=trained.result, evaluated=evaluated, merged=merged.result,
+        merged_dir=merged.merged_dir, deployed=deployed)
