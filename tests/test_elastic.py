@@ -22,6 +22,9 @@ import yaml
 
 from conftest import ROOT, tiny_config
 
+# The train stage's settings need no data digest (its data is the tokenized folder)
+NO_FILES = {"data": "", "model": "tiny", "tokenizer": "", "sqlite_db": ""}
+
 
 def _even_split(src: Path, dst: Path) -> tuple[int, int]:
     """A copy of a tokenized dataset whose train split has an even number of rows; (rows, non-pad tokens)."""
@@ -47,7 +50,6 @@ def test_elastic_task_trains_one_adapter_on_two_processes(tmp_path, tiny_model_d
     from qloraflow import train as T
     from qloraflow.stages import RunContext, stage_settings
     from qloraflow.tracking import MlflowTracker
-    from tasks.resolve import input_fingerprints
     from tasks.train_elastic import train_model_2gpu
 
     rows, tokens = _even_split(tiny_tokenized, tmp_path / "tok")
@@ -57,7 +59,7 @@ def test_elastic_task_trains_one_adapter_on_two_processes(tmp_path, tiny_model_d
                                          "tracking.tracking_uri": uri, "tracking.experiment": "elastic"})
     pipeline = MlflowTracker("elastic", uri, run_name="pipeline")
 
-    settings = stage_settings(cfg, input_fingerprints(cfg))
+    settings = stage_settings(cfg, NO_FILES)
     train = dataclasses.replace(settings.train, model_digest=uuid.uuid4().hex)  # this test's own cache entry
     out = train_model_2gpu(settings=train, tok_dir=FlyteDirectory(str(tmp_path / "tok")), execution=settings.execution,
                            context=RunContext(pipeline_run_id=pipeline.run_id, name=cfg.name, experiment="elastic",

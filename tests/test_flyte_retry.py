@@ -23,6 +23,9 @@ import yaml
 
 from conftest import ROOT, tiny_config
 
+# The train stage's settings need no data digest (its data is the tokenized folder)
+NO_FILES = {"data": "", "model": "tiny", "tokenizer": "", "sqlite_db": ""}
+
 pytestmark = pytest.mark.slow
 
 
@@ -78,14 +81,13 @@ def test_retried_attempt_resumes_from_the_checkpoint_store_in_the_same_mlflow_ru
 
     from qloraflow.stages import ExecutionSettings, RunContext, TrainResult, TrainSettings, stage_settings
     from qloraflow.tracking import MlflowTracker
-    from tasks.resolve import input_fingerprints
 
     cfg = tiny_config(tiny_model_dir, **{"train.max_steps": 16, "train.save_steps": 2, "train.logging_steps": 1,
                                          "tracking.tracking_uri": mlflow_server, "tracking.experiment": "retry"})
     pipeline = MlflowTracker("retry", mlflow_server, run_name="pipeline")
     context = RunContext(pipeline_run_id=pipeline.run_id, name=cfg.name, experiment="retry", tracking_uri=mlflow_server)
     _write_inputs(tmp_path / "inputs.pb",
-                  {"settings": stage_settings(cfg, input_fingerprints(cfg)).train,
+                  {"settings": stage_settings(cfg, NO_FILES).train,
                    "tok_dir": FlyteDirectory(str(tiny_tokenized)), "execution": ExecutionSettings(), "context": context},
                   {"settings": TrainSettings, "tok_dir": FlyteDirectory, "execution": ExecutionSettings,
                    "context": RunContext})
