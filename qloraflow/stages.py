@@ -9,8 +9,9 @@ as inputs the cache ignores::
 
     from qloraflow.config import load_config
     from qloraflow.stages import stage_settings
-    settings = stage_settings(cfg := load_config("configs/tiny.yaml"), fingerprints)
-    settings.train.config(settings.execution)  # the FinetuneConfig that train_adapter takes
+    cfg = load_config("configs/tiny.yaml")
+    settings = stage_settings(cfg, fingerprints)  # the files' digests: tasks/resolve.py input_fingerprints
+    settings.train.config(settings.execution)     # the FinetuneConfig that train_adapter takes
 """
 
 from __future__ import annotations
