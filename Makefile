@@ -16,7 +16,7 @@ export QLORAFLOW_SERVE_PYTHON ?= $(CURDIR)/$(SERVE_VENV)/bin/python
 # pip would print a warning for every configured-but-absent local index.
 PIP_QUIET   := -q --disable-pip-version-check
 
-.PHONY: setup setup-train setup-serve assets assets-real demo test test-fast bench lock clean
+.PHONY: setup setup-train setup-serve assets assets-real demo spider test test-fast bench lock clean
 
 setup: setup-train setup-serve
 
@@ -52,6 +52,15 @@ assets-real: setup-train
 demo: setup assets
 	@mkdir -p $(FLYTE_HOME)
 	HOME=$(FLYTE_HOME) $(VENV)/bin/pyflyte run workflows/finetune.py finetune --config configs/tiny.yaml
+
+# The real-model run on the CPU (README "Real model on the CPU"): SmolLM2-135M-Instruct, converted once from
+# its pinned GGUF, QLoRA-tuned on Spider's training databases and evaluated on the held-out ones.
+spider: setup
+	$(PY) -m qloraflow.assets smollm2-gguf spider
+	$(PY) -m qloraflow.realmodel --out build/smollm2
+	$(PY) -m qloraflow.spider build/spider
+	@mkdir -p $(FLYTE_HOME)
+	HOME=$(FLYTE_HOME) $(VENV)/bin/pyflyte run workflows/finetune.py finetune --config configs/smollm2-spider.yaml
 
 test: setup assets-real
 	$(PY) -m pytest tests -q -ra --durations=15

@@ -174,8 +174,13 @@ class TrainConfig:
 class EvalConfig:
     """Held-out evaluation, identical for base and fine-tuned models."""
 
-    metrics: list[str] = _f(["exact_match"], "Task metrics: exact_match, execution_accuracy (SQL), rouge_l, chrf.")
-    sqlite_db: Optional[str] = _f(None, "SQLite database that execution_accuracy runs queries against.")
+    metrics: list[str] = _f(["exact_match"], "Task metrics: exact_match, execution_accuracy (SQL; reported with "
+                                             "sql_runs and sql_exact_match), rouge_l, chrf.")
+    sqlite_db: Optional[str] = _f(None, "SQLite database that execution_accuracy runs queries against, or a folder "
+                                        "of <name>.sqlite databases: each test record's queries then run on the one "
+                                        "its metadata field db_field names.")
+    db_field: str = _f("db_id", "Metadata field of a test record (an extra field of its input row) that names its "
+                                "database in the eval.sqlite_db folder.")
     max_samples: int = _f(200, "Test records evaluated (first N of the frozen test split).")
     max_new_tokens: int = _f(64, "Generation limit per answer.")
     batch_size: int = _f(16, "Prompts per generation batch (and rows per held-out loss batch).")

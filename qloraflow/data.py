@@ -29,7 +29,7 @@ from qloraflow.dedupe import EXACT_DUPLICATE, DedupeResult, dedupe_texts
 from qloraflow.errors import DataValidationError, EmptyDatasetError
 from qloraflow.files import write_atomic
 from qloraflow.minhash import short_text_keys
-from qloraflow.ingest import Record, Rejected, input_files, read_source
+from qloraflow.ingest import Record, Rejected, input_files, meta_json, read_source
 
 SPLITS = ("train", "validation", "test")
 LENGTH_EDGES = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
@@ -259,7 +259,7 @@ def write_dataset(cfg: DataConfig, out_dir: Union[str, Path], seed: int, checked
         split = "test" if is_test_input[i] else assign_split(
             ids[k], seed, cfg.validation_fraction, 0.0 if cfg.test_files else cfg.test_fraction)
         rows[split].append({"id": ids[k], "source": f"{r.source}:{r.line}", "format": r.format,
-                            "messages": cleaned[i]})
+                            "messages": cleaned[i], "meta": meta_json(r.meta)})
         lengths[split].append(len(texts[i]))
         if tokens[i] is not None:
             token_lengths[split].append(tokens[i])
@@ -381,7 +381,7 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
 
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
     schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("format", pa.string()),
-                        ("messages", pa.list_(message))])
+                        ("messages", pa.list_(message)), ("meta", pa.string())])
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 

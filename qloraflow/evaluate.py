@@ -17,13 +17,20 @@ Task metrics:
 - ``exact_match``: the answer equals the reference after whitespace folding (case kept: SQL string
   literals are case-sensitive).
 - ``execution_accuracy``: the answer, run read-only against the SQLite database, returns the same
-  rows as the reference (order-insensitive unless the reference has ORDER BY).
+  rows as the reference (order-insensitive unless the reference has ORDER BY). ``eval.sqlite_db`` is
+  one database, or a folder of ``<db_id>.sqlite`` files: then each record's answer and reference run
+  on the database its ``meta`` names (``eval.db_field``, e.g. Spider's ``db_id``). On empty databases
+  (Spider's schemas without rows) it only compares result shapes; two companions are reported with it:
+  - ``sql_runs``: the answer is one statement that parses and runs on the record's database.
+  - ``sql_exact_match``: the answer equals the reference as SQL text: keywords and identifiers
+    case-folded (quoted literals kept), whitespace folded, a final semicolon dropped.
 - ``rouge_l`` (rouge-score) and ``chrf`` (sacrebleu), for free text, averaged per answer, in [0, 1].
 - ``eos_rate``: share of generations that end with EOS before the token limit (always reported).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -31,10 +38,12 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
+from qloraflow.config import FinetuneConfig
+from qloraflow.errors import DataValidationError
 from qloraflow.precision import DTYPES, accelerator, release_memory
 from qloraflow.tokenize import IGNORE_INDEX
 
@@ -72,6 +81,69 @@ def execution_match(prediction: str, reference: str, db: str) -> float:
     if "order by" in reference.lower():
         return float(got == want)
     return float(sorted(map(repr, got)) == sorted(map(repr, want)))
+
+
+def sql_runs(prediction: str, db: str) -> float:
+    """1.0 when the answer is one SQL statement that parses and runs (read-only) on ``db``."""
+    if not prediction.strip().rstrip(";").strip():
+        return 0.0  # sqlite runs an empty statement without complaint
+    return float(_run_sql(db, prediction) is not None)
+
+
+# A quoted literal or identifier ('...', "..." with doubled quotes inside), or a run of other text.
+_SQL_PART = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|[^'"]+|['"]""")
+
+
+def normalize_sql(sql: str) -> str:
+    """SQL text compared as SQL: outside quotes lower-cased and whitespace folded (none around
+    parentheses and commas); quoted text kept as written; a final semicolon dropped."""
+    parts = []
+    for part in _SQL_PART.findall(sql.strip().rstrip(";")):
+        if part[0] in "'\"" and len(part) > 1:
+            parts.append(part)
+        else:
+            text = re.sub(r"\s+", " ", part.lower())
+            parts.append(re.sub(r"\s*([(),])\s*", r"\1", text))
+    return "".join(parts).strip()
+
+
+def sql_exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_sql(prediction) == normalize_sql(reference))
+
+
+def record_databases(records: list[dict], sqlite_db: Optional[str], db_field: str) -> list[Optional[str]]:
+    """The SQLite database each record's SQL runs on: ``sqlite_db`` itself, or, when it is a folder,
+    ``<folder>/<meta[db_field]>.sqlite``.
+
+    Raises:
+        DataValidationError: A record names no database, or one the folder does not hold (raised
+            before any generation starts; the first five such records are named).
+    """
+    if not sqlite_db or not Path(sqlite_db).is_dir():
+        return [sqlite_db] * len(records)
+    folder, paths, problems = Path(sqlite_db), [], []
+    for r in records:
+        name = row_meta(r).get(db_field)
+        path = folder / f"{name}.sqlite"
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            problems.append(f"record {r.get('id')} ({r.get('source')}) has no database name in its meta "
+                            f"('{db_field}': {name!r})")
+        elif not path.is_file():
+            problems.append(f"record {r.get('id')} ({r.get('source')}): {path} does not exist")
+        paths.append(str(path))
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DataValidationError(
+            f"eval.sqlite_db {sqlite_db} is a folder of <{db_field}>.sqlite databases, but " + "; ".join(problems[:5])
+            + f"{more}. Give every test record a '{db_field}' field naming its database (eval.db_field), "
+            "or set eval.sqlite_db to one database file")
+    return paths
+
+
+def row_meta(record: dict) -> dict[str, Any]:
+    """A split row's metadata (the ``meta`` JSON column; {} for splits written without one)."""
+    meta = record.get("meta")
+    return json.loads(meta) if isinstance(meta, str) and meta else dict(meta or {})
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -228,13 +300,22 @@ def chrf(predictions: list[str], references: list[str]) -> float:
 
 
 def score(answers: list[str], refs: list[str], ended: list[bool], metrics: list[str],
-          sqlite_db: Optional[str]) -> dict[str, float]:
+          sqlite_db: Union[None, str, list[Optional[str]]]) -> dict[str, float]:
+    """The task metrics of answers against references; ``eos_rate`` always.
+
+    Args:
+        sqlite_db: The database of execution_accuracy: one for all answers, or one per answer
+            (:func:`record_databases`).
+    """
     n = max(len(refs), 1)
     out = {"eos_rate": sum(ended) / n}
     if "exact_match" in metrics:
         out["exact_match"] = sum(exact_match(a, r) for a, r in zip(answers, refs)) / n
     if "execution_accuracy" in metrics:
-        out["execution_accuracy"] = sum(execution_match(a, r, sqlite_db) for a, r in zip(answers, refs)) / n
+        dbs = sqlite_db if isinstance(sqlite_db, list) else [sqlite_db] * len(refs)
+        out["execution_accuracy"] = sum(execution_match(a, r, d) for a, r, d in zip(answers, refs, dbs)) / n
+        out["sql_runs"] = sum(sql_runs(a, d) for a, d in zip(answers, dbs)) / n
+        out["sql_exact_match"] = sum(sql_exact_match(a, r) for a, r in zip(answers, refs)) / n
     if "rouge_l" in metrics:
         out["rouge_l"] = rouge_l(answers, refs)
     if "chrf" in metrics:
@@ -256,7 +337,7 @@ class Evaluation:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
 
 
-def evaluate_model(cfg: Any, model_dir: str, data_dir: str | os.PathLike, tok_dir: str | os.PathLike,
+def evaluate_model(cfg: FinetuneConfig, model_dir: str, data_dir: str | os.PathLike, tok_dir: str | os.PathLike,
                    adapter_dir: Optional[str] = None, model: Any = None) -> Evaluation:
     """Loss, perplexity and task metrics of one model on the frozen test split, on the GPU when there is one.
 
@@ -269,7 +350,7 @@ def evaluate_model(cfg: Any, model_dir: str, data_dir: str | os.PathLike, tok_di
         model: the model already loaded (``model_dir`` and ``adapter_dir`` are then not read).
 
     Returns:
-        The metrics, and samples holding prompt, reference and answer for each test record.
+        The metrics, and a sample per test record: its ``id`` and ``meta``, prompt, reference and answer.
     """
     import datasets
     from transformers import AutoTokenizer
@@ -283,24 +364,27 @@ def evaluate_model(cfg: Any, model_dir: str, data_dir: str | os.PathLike, tok_di
     rows = rows.select(range(min(len(rows), e.max_samples)))
     metrics = {f"heldout_{k}": v for k, v in heldout_loss(model, rows, e.batch_size, tokenizer.pad_token_id).items()}
     records = datasets.Dataset.from_parquet(str(Path(data_dir) / "test.parquet")).to_list()[: e.max_samples]
+    databases = record_databases(records, e.sqlite_db, e.db_field) if "execution_accuracy" in e.metrics else None
     chats, refs = prompt_messages(records)
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     gen = generate_greedy(model, tokenizer, prompts, e.max_new_tokens, e.batch_size, e.max_batch_tokens)
-    metrics.update(score(gen.answers, refs, gen.ended, e.metrics, e.sqlite_db))
+    metrics.update(score(gen.answers, refs, gen.ended, e.metrics, databases))
     if e.judge_base_url:
         questions = [c[-1]["content"] for c in chats]
         judged = judge_answers(e.judge_base_url, e.judge_model, questions, refs, gen.answers)
         if judged["judge_score"] is not None:
             metrics["judge_score"] = judged["judge_score"]
-    samples = [{"messages": c, "prompt": p, "reference": r, "answer": a, "ended_with_eos": d}
-               for c, p, r, a, d in zip(chats, prompts, refs, gen.answers, gen.ended)]
+    # Each sample keeps its record's id and metadata, so an answer can be traced to its input row.
+    samples = [{"id": rec["id"], "meta": row_meta(rec), "messages": c, "prompt": p, "reference": r, "answer": a,
+                "ended_with_eos": d}
+               for rec, c, p, r, a, d in zip(records, chats, prompts, refs, gen.answers, gen.ended)]
     if owned:
         del model
         release_memory()
     return Evaluation(metrics, samples, gen.seconds, gen.new_tokens)
 
 
-def evaluate_base_and_candidate(cfg: Any, data_dir: str | os.PathLike, tok_dir: str | os.PathLike,
+def evaluate_base_and_candidate(cfg: FinetuneConfig, data_dir: str | os.PathLike, tok_dir: str | os.PathLike,
                                 adapter_dir: str | os.PathLike) -> dict[str, Evaluation]:
     """``base`` (the 16-bit base model) and ``candidate`` (the same base + the adapter, unmerged).
 

@@ -1,13 +1,15 @@
 """Read records from JSONL, JSON, Parquet, CSV, ``datasets`` folders or the Hub into one chat form.
 
 Every supported format becomes ``messages: [{"role": "system"|"user"|"assistant", "content": str}]``
-plus a ``format`` name. A row that cannot become a record is not an error of the stage: it comes
-back as a :class:`Rejected` with its file, line (1-based; the row number for Parquet, CSV and
+plus a ``format`` name; the row's other fields (a ``db_id``, a category) are the record's ``meta``,
+which travels with it to the splits and the evaluation samples but is not part of its content (its
+id, deduplication). A row that cannot become a record is not an error of the stage: it comes back
+as a :class:`Rejected` with its file, line (1-based; the row number for Parquet, CSV and
 ``datasets``), a reason code and a message, so the caller can quarantine it::
 
     from qloraflow.ingest import read_source
     for item in read_source("data/train.jsonl", fmt="auto"):
-        print(item.source, item.line, getattr(item, "messages", None) or item.reason)
+        print(item.source, item.line, getattr(item, "messages", None) or item.reason, getattr(item, "meta", ""))
 
 Formats (``data.format`` or detected per file by majority over its rows):
 
@@ -45,17 +47,30 @@ BOM = b"\xef\xbb\xbf"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
 MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+# The fields each format turns into messages; every other field of a row is the record's metadata.
+FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output", "system"), "sharegpt": ("conversations",),
+                 "messages": ("messages",), "completion": ("text",)}
+META = "meta"  # the splits' column of metadata (a JSON object); read back, its fields are metadata again
 
 
 @dataclass
 class Record:
-    """One input row in the internal chat form."""
+    """One input row in the internal chat form.
+
+    ``meta`` holds the row's other fields (a Spider record's ``db_id``): they travel with the record
+    to the splits and the evaluation samples, but are not part of its content (its id, dedupe).
+    """
 
     source: str
     line: int
     format: str
     messages: list[dict[str, str]]
     raw: Any
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The fields of the row that its format does not read (see :func:`record_meta`)."""
+        return record_meta(self.raw, self.format)
 
 
 @dataclass
@@ -83,6 +98,44 @@ class _Row:
     value: Any  # the parsed row; None when unreadable
     raw: Any
     error: Optional[RowRejected] = None
+
+
+def record_meta(raw: Any, fmt: str) -> dict[str, Any]:
+    """The fields of a row that are not its content: everything the format does not read.
+
+    Null fields are left out (a Parquet or ``datasets`` row holds null wherever that row has no such
+    field). A ``meta`` field holding a JSON object (the column the data stage writes) gives its own
+    fields, so a written split read back keeps its records' metadata. Example::
+
+        record_meta('{"instruction": "q", "output": "SELECT 1", "db_id": "pets_1"}', "alpaca")
+        # {'db_id': 'pets_1'}
+
+    Args:
+        raw: The row as read (:attr:`Record.raw`): a dict, or the JSON text of a JSON/JSONL row.
+        fmt: The format the row was read as (one of :data:`FORMATS`).
+    """
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except (json.JSONDecodeError, RecursionError):
+            return {}
+    if not isinstance(raw, dict):
+        return {}
+    own = FORMAT_FIELDS.get(fmt, ())
+    meta = {k: v for k, v in raw.items() if k not in own and k != META and v is not None}
+    nested = raw.get(META)
+    if isinstance(nested, str) and nested.lstrip().startswith("{"):
+        nested, _ = _parse_json(nested)
+    if isinstance(nested, dict):
+        meta = {**nested, **meta}
+    elif nested is not None:
+        meta[META] = nested  # someone else's 'meta' field: kept as it is
+    return meta
+
+
+def meta_json(meta: dict[str, Any]) -> str:
+    """A record's metadata as the splits store it: one JSON object, keys sorted (``{}`` when none)."""
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str)
 
 
 def detect_format(row: Any) -> Optional[str]:

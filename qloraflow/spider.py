@@ -10,7 +10,8 @@ schema with a training one (Spider's own protocol)::
     counts = write_dataset(fetch("spider"), "data/spider")
     # data/spider/train.jsonl, data/spider/test.jsonl, data/spider/databases/<db_id>.sqlite
 
-``python -m qloraflow.spider OUT_DIR`` does the same from the command line.
+``python -m qloraflow.spider OUT_DIR`` does the same from the command line (``--interleave-test`` writes
+the test split in turns over its databases, for an evaluation of its first N records).
 """
 
 from __future__ import annotations
@@ -149,6 +150,20 @@ def split_by_database(records: Sequence[dict[str, Any]], heldout_dbs: Sequence[s
     return [r for r in records if r["db_id"] not in held], [r for r in records if r["db_id"] in held]
 
 
+def interleave_by_database(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records in turns over their databases: each database's first question, then each one's second, ...
+
+    The evaluation reads the first ``eval.max_samples`` records of the test split; in this order any
+    prefix covers every held-out database (in proportion, until the smaller ones run out), where
+    file order would give the first database's questions only. Order within a database is kept.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(r["db_id"], []).append(r)
+    longest = max((len(g) for g in groups.values()), default=0)
+    return [g[k] for k in range(longest) for g in groups.values() if k < len(g)]
+
+
 def build_databases(tables_json: PathLike, out_dir: PathLike, db_ids: Sequence[str]) -> dict[str, Path]:
     """Empty SQLite databases with the schemas of ``db_ids``: ``out_dir/<db_id>.sqlite``.
 
@@ -190,7 +205,7 @@ def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
 
 
 def write_dataset(spider_dir: PathLike, out_dir: PathLike, heldout_dbs: Sequence[str] = DEFAULT_HELDOUT_DBS,
-                  *, with_schema: bool = True) -> dict[str, Any]:
+                  *, with_schema: bool = True, interleave_test: bool = False) -> dict[str, Any]:
     """Spider as ``out_dir/train.jsonl``, ``out_dir/test.jsonl`` and ``out_dir/databases/<db_id>.sqlite``.
 
     Example::
@@ -203,6 +218,8 @@ def write_dataset(spider_dir: PathLike, out_dir: PathLike, heldout_dbs: Sequence
         out_dir: Output folder (created if missing).
         heldout_dbs: Databases whose questions form the test split.
         with_schema: Put each database's schema in the instruction (see :func:`spider_records`).
+        interleave_test: Write the test split in turns over its databases (:func:`interleave_by_database`),
+            so that an evaluation of its first N records sees every held-out database.
 
     Returns:
         Record counts per split, database counts per split, and ``databases``: db_id -> SQLite path.
@@ -210,6 +227,8 @@ def write_dataset(spider_dir: PathLike, out_dir: PathLike, heldout_dbs: Sequence
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, test = split_by_database(spider_records(spider_dir, with_schema=with_schema), heldout_dbs)
+    if interleave_test:
+        test = interleave_by_database(test)
     _write_jsonl(out / "train.jsonl", train)
     _write_jsonl(out / "test.jsonl", test)
     db_ids = list(dict.fromkeys(r["db_id"] for r in [*train, *test]))
@@ -279,10 +298,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write Spider as alpaca JSONL splits and SQLite databases.")
     parser.add_argument("out_dir")
     parser.add_argument("--heldout", nargs="+", default=list(DEFAULT_HELDOUT_DBS), help="test databases")
+    parser.add_argument("--interleave-test", action="store_true",
+                        help="write the test split in turns over its databases (any first N covers all of them)")
     args = parser.parse_args(argv)
     from qloraflow.assets import fetch
 
-    counts = write_dataset(fetch("spider"), args.out_dir, args.heldout)
+    counts = write_dataset(fetch("spider"), args.out_dir, args.heldout, interleave_test=args.interleave_test)
     print(json.dumps({k: v for k, v in counts.items() if k != "databases"}))
 
 

@@ -223,11 +223,16 @@ class Sample:
     reference: str
     answer: str
     ended_with_eos: bool
+    id: str = ""
+    """The record's id from ingest (``qloraflow.data.record_id``): samples of one record share it."""
+    meta: dict[str, str] = field(default_factory=dict)
+    """The record's extra input fields (e.g. ``db_id``), as text."""
 
     @classmethod
     def of(cls, sample: dict[str, Any]) -> "Sample":
         return cls(messages=[{k: str(v) for k, v in m.items()} for m in sample["messages"]], prompt=sample["prompt"],
-                   reference=sample["reference"], answer=sample["answer"], ended_with_eos=bool(sample["ended_with_eos"]))
+                   reference=sample["reference"], answer=sample["answer"], ended_with_eos=bool(sample["ended_with_eos"]),
+                   id=str(sample.get("id", "")), meta={k: str(v) for k, v in (sample.get("meta") or {}).items()})
 
 
 @dataclass

@@ -124,7 +124,7 @@ def test_outputs_have_the_schema_and_no_temp_files(messy, tmp_path):
     prepare_dataset(cfg, out)
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
     expected = pa.schema([("id", pa.string()), ("source", pa.string()), ("format", pa.string()),
-                          ("messages", pa.list_(message))])
+                          ("messages", pa.list_(message)), ("meta", pa.string())])
     for split in ("train", "validation", "test"):
         assert pq.read_schema(out / f"{split}.parquet").equals(expected)
     assert sorted(p.name for p in out.iterdir()) == ["quarantine.jsonl", "report.json", "test.parquet",

@@ -264,3 +264,37 @@ def test_hub_name_without_network_is_a_clear_error(tmp_path):
                          cwd=Path(__file__).resolve().parents[1])
     expected = "ERR hf:qloraflow-none/does-not-exist: cannot load it from the Hugging Face Hub"
     assert out.stdout.startswith(expected), out.stderr
+
+
+# ----------------------------------------------------------------------------------------- metadata
+
+@pytest.mark.parametrize("container", CONTAINERS)
+def test_extra_fields_become_the_records_meta(tmp_path, container):
+    rows = [{"instruction": "Count the pets", "output": "SELECT count(*) FROM pets", "db_id": "pets_1", "level": 2},
+            {"instruction": "Name the singers", "output": "SELECT name FROM singer", "db_id": "singer"}]
+    items = read_all(write_input(tmp_path, container, rows))
+    assert [i.messages[-1]["content"] for i in items] == ["SELECT count(*) FROM pets", "SELECT name FROM singer"]
+    # CSV cells are text; columnar files hold null where a row lacks a field, which is no metadata
+    level = "2" if container == "csv" else 2
+    second = {"db_id": "singer", "level": ""} if container == "csv" else {"db_id": "singer"}
+    assert [i.meta for i in items] == [{"db_id": "pets_1", "level": level}, second]
+
+
+@pytest.mark.parametrize("fmt", list(SAMPLES))
+def test_the_formats_own_fields_are_not_meta(tmp_path, fmt):
+    rows, _ = SAMPLES[fmt]
+    items = read_all(write_input(tmp_path, "jsonl", [{**r, "category": "c"} for r in rows]))
+    assert [i.meta for i in items] == [{"category": "c"}] * 2
+
+
+def test_meta_column_read_back_keeps_its_fields(tmp_path):
+    """A split the data stage wrote (its metadata in a ``meta`` JSON column) read again as input."""
+    from qloraflow.ingest import meta_json
+
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    rows = [{"id": "x1", "messages": messages, "meta": meta_json({"db_id": "pets_1", "tags": ["a"]})},
+            {"messages": messages, "meta": "not an object"}]
+    first, second = read_all(write_input(tmp_path, "parquet", rows))
+    assert first.meta == {"id": "x1", "db_id": "pets_1", "tags": ["a"]}
+    assert second.meta == {"meta": "not an object"}  # someone else's 'meta' field is kept as it is
+    assert meta_json(first.meta) == '{"db_id": "pets_1", "id": "x1", "tags": ["a"]}'  # keys sorted: stable bytes

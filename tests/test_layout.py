@@ -117,12 +117,13 @@ def test_no_stage_function_takes_its_settings_as_any():
     import dataclasses
     import typing
 
-    from qloraflow import data, shard, tokenize, train
+    from qloraflow import data, evaluate, shard, tokenize, train
 
     functions = [data.prepare_dataset, data.write_dataset, data.check_records, shard.plan_data_shards,
                  shard.prepare_data_shard, shard.merge_data_shards, shard.tokenize_shard,
                  shard.merge_tokenize_shards, tokenize.tokenize_dataset, tokenize.save_tokenizer,
-                 tokenize.save_split, train.train_adapter]
+                 tokenize.save_split, train.train_adapter, evaluate.evaluate_model,
+                 evaluate.evaluate_base_and_candidate]
     untyped = []
     for fn in functions:
         hints = typing.get_type_hints(fn)
