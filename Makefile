@@ -58,7 +58,7 @@ demo: setup assets
 spider: setup
 	$(PY) -m qloraflow.assets smollm2-gguf spider
 	$(PY) -m qloraflow.realmodel --out build/smollm2
-	$(PY) -m qloraflow.spider build/spider
+	$(PY) -m qloraflow.spider build/spider --interleave-test
 	@mkdir -p $(FLYTE_HOME)
 	HOME=$(FLYTE_HOME) $(VENV)/bin/pyflyte run workflows/finetune.py finetune --config configs/smollm2-spider.yaml
 
