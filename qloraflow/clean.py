@@ -112,7 +112,8 @@ def repetition_share(text: str) -> float:
     return sum(repeated) / len(words) if words else 0.0
 
 
-def _has_lone_surrogate(text: str) -> bool:
+def has_lone_surrogate(text: str) -> bool:
+    """True when ``text`` holds a lone surrogate, which no UTF-8 file can carry."""
     try:
         text.encode("utf-8")
         return False
@@ -138,7 +139,7 @@ def check_messages(messages: Sequence[dict[str, str]], *, min_output_chars: int,
         repetitive.
     """
     for n, m in enumerate(messages, 1):
-        if _has_lone_surrogate(m["content"]):
+        if has_lone_surrogate(m["content"]):
             return "bad_encoding", (f"turn {n} ({m['role']}) holds a lone surrogate (a broken \\u escape such "
                                     "as \\ud800); fix the text at its source")
     for n, m in enumerate(messages, 1):

@@ -91,9 +91,12 @@ def _model_version(client: Any, name: str, version: str) -> Any:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from qloraflow.config import load_config
+    from qloraflow.config import load_config, parse_overrides
+    from qloraflow.preflight import check_launch
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, parse_overrides(args.set))
+    if not args.config_only:
+        check_launch(cfg, args.config)  # the files it names: data, base model, database
     print(f"{args.config}: valid (config hash {cfg.hash()})")
     return 0
 
@@ -234,13 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="Run 'qloraflow COMMAND -h' for a command's options.")
     ap.add_argument("--tracking-uri", dest="global_tracking_uri", metavar="URI", default=None,
                     help="MLflow tracking URI of the registry commands and compare (default: $MLFLOW_TRACKING_URI, "
-                         "else sqlite:///mlflow.db); deploy's own --tracking-uri is the URI the pods use")
+                         "else sqlite:///mlflow.db); the pods take theirs from deploy's --tracking-secret")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_SubcommandParser)
     store = _store_options()
 
     p = sub.add_parser("validate", help="validate a config: every problem at once",
-                       description="Validate a config file and print its hash; lists every problem at once.")
+                       description="Validate a config file and the files it names (data files exist and are "
+                                   "UTF-8, a local base model's weights are complete, the SQLite database "
+                                   "exists) and print its hash; lists every problem at once.")
     p.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting as the trainer's --set does, e.g. train.max_steps=5")
+    p.add_argument("--config-only", action="store_true",
+                   help="check the config's values only, not the files it names (data, model, database)")
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("models", parents=[store], help="list registered versions; * marks the champion",

@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -84,6 +85,12 @@ class DataConfig:
                             "that deduplicates and splits in input order; the output is the same.",
                          execution_only=True)
     max_reject_rate: float = _f(0.5, "Fail the stage when more than this share of records is rejected.")
+    max_test_contamination: float = _f(0.5, "Fail the stage when more than this share of the test_files records "
+                                            "have exact or near copies in train_files (the copies are removed from "
+                                            "training either way; the report's 'contamination' lists them). 1: never fail.")
+    quarantine_max_chars: int = _f(20000, "A rejected row longer than this many characters (as JSON) is copied "
+                                          "into quarantine.jsonl cut to this length, with raw_chars (its full "
+                                          "length) and raw_truncated: true, so that one huge row cannot fill the disk.")
 
 
 @dataclass
@@ -158,6 +165,11 @@ class TrainConfig:
     eval_steps: int = _f(100, "Evaluate on the validation split every N steps (0: never).")
     save_steps: int = _f(100, "Write a checkpoint every N steps.")
     save_total_limit: int = _f(3, "Complete checkpoints kept on disk.")
+    preemption_grace_s: float = _f(30.0, "Seconds between SIGTERM and SIGKILL (Kubernetes' terminationGracePeriod"
+                                         "Seconds, 30 by default): on SIGTERM the step in progress finishes, its "
+                                         "checkpoint is saved and training stops with a retryable error, so the "
+                                         "retry resumes there; the log says whether the save fit in this time.",
+                                   execution_only=True)
     early_stopping_patience: Optional[int] = _f(None, "Stop after N evaluations without improvement; None: off.")
     use_cpu: bool = _f(False, "Train on the CPU even where a GPU exists (the demo).")
     num_gpus: int = _f(1, "GPUs of one node to train on. Above 1, Flyte runs the train step through torchrun "
@@ -226,7 +238,13 @@ class RegistryConfig:
     """MLflow model registry and promotion."""
 
     model_name: str = _f("qloraflow-model", "Registered model name.")
-    promotion_margin: float = _f(0.0, "A candidate must beat base and champion on the gate metric by more than this.")
+    promotion_margin: float = _f(0.0, "A candidate must beat base and champion on the gate metric by more than this: "
+                                      "the lower end of the improvement's confidence interval must be above it.")
+    confidence: Optional[float] = _f(0.95, "Confidence level of the gate's two-sided interval of the improvement, "
+                                           "paired by record id on the same test records: McNemar's exact test for "
+                                           "0/1 metrics (exact_match, execution_accuracy), a paired bootstrap for "
+                                           "the others (qloraflow/paired.py). null: compare point estimates, no "
+                                           "test (a difference on a small test set is then taken at face value).")
 
 
 @dataclass
@@ -323,10 +341,29 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> 
                 continue
             kwargs[key] = _build(tp, value, f"{where}.", problems)
         elif not _type_ok(value, tp):
-            problems.append(f"'{where}' must be {_type_name(tp)}, got {value!r}")
+            problems.append(f"'{where}' must be {_type_name(tp)}, got {value!r}{_yaml_number_hint(value, tp)}")
         else:
             kwargs[key] = float(value) if tp is float else value
     return cls(**kwargs)
+
+
+_EXPONENT = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+))[eE]([+-]?\d+)$")
+
+
+def _yaml_number_hint(value: Any, tp: Any) -> str:
+    """Why a number came as a string: YAML 1.1 (PyYAML) reads ``2e-4`` and ``1e5`` as text, since its
+    floats need a dot and a signed exponent. The fix, spelled so that YAML reads a float."""
+    m = _EXPONENT.match(value.strip()) if isinstance(value, str) else None
+    if m is None or not _type_ok(1.0, tp) and not _type_ok(1, tp):
+        return ""
+    mantissa, exponent = m.groups()
+    mantissa = mantissa if "." in mantissa else mantissa + ".0"
+    exponent = exponent if exponent[0] in "+-" else "+" + exponent
+    if not _type_ok(1.0, tp):  # an int field: write the integer out
+        return (f": YAML reads {value} as a string, not a number; write {int(float(value))}"
+                if float(value).is_integer() else "")
+    return (f": YAML reads {value} as a string, not a number (a YAML float needs a dot and a signed exponent); "
+            f"write {mantissa}e{exponent}")
 
 
 def _type_name(tp: Any) -> str:
@@ -349,6 +386,7 @@ def validate(cfg: FinetuneConfig) -> list[str]:
     for name, v in (("data.validation_fraction", cfg.data.validation_fraction),
                     ("data.test_fraction", cfg.data.test_fraction),
                     ("data.max_reject_rate", cfg.data.max_reject_rate),
+                    ("data.max_test_contamination", cfg.data.max_test_contamination),
                     ("data.max_repetition", cfg.data.max_repetition),
                     ("data.near_dup_threshold", cfg.data.near_dup_threshold)):
         if not 0.0 <= v <= 1.0:
@@ -363,6 +401,8 @@ def validate(cfg: FinetuneConfig) -> list[str]:
         p.append(f"'data.minhash_num_perm' must be >= 16, got {cfg.data.minhash_num_perm}")
     if cfg.data.shingle_size < 1:
         p.append(f"'data.shingle_size' must be >= 1, got {cfg.data.shingle_size}")
+    if cfg.data.quarantine_max_chars < 1:
+        p.append(f"'data.quarantine_max_chars' must be >= 1, got {cfg.data.quarantine_max_chars}")
     if cfg.data.num_shards < 1:
         p.append(f"'data.num_shards' must be >= 1 (1: no map task), got {cfg.data.num_shards}")
     if not cfg.model.base_model:
@@ -398,6 +438,8 @@ def validate(cfg: FinetuneConfig) -> list[str]:
         p.append(f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
     if t.max_grad_norm <= 0:
         p.append(f"'train.max_grad_norm' must be > 0, got {t.max_grad_norm}")
+    if t.preemption_grace_s <= 0:
+        p.append(f"'train.preemption_grace_s' must be > 0 (seconds), got {t.preemption_grace_s}")
     if t.eval_steps < 0:
         p.append(f"'train.eval_steps' must be >= 0, got {t.eval_steps}")
     if t.early_stopping_patience is not None and t.eval_steps == 0:
@@ -447,6 +489,8 @@ def validate(cfg: FinetuneConfig) -> list[str]:
         p.append(f"'merge.probe_samples' must be >= 1, got {cfg.merge.probe_samples}")
     if cfg.merge.kl_factor <= 0:
         p.append(f"'merge.kl_factor' must be > 0, got {cfg.merge.kl_factor}")
+    if cfg.registry.confidence is not None and not 0.0 < cfg.registry.confidence < 1.0:
+        p.append(f"'registry.confidence' must be between 0 and 1 (e.g. 0.95) or null, got {cfg.registry.confidence}")
     if cfg.serve.startup_timeout_s <= 0:
         p.append(f"'serve.startup_timeout_s' must be > 0, got {cfg.serve.startup_timeout_s}")
     if not 0 <= cfg.serve.port < 65536:
@@ -474,12 +518,38 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> FinetuneC
     return cfg
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    node, where = raw, []
     *parents, leaf = dotted.split(".")
     for part in parents:
+        where.append(part)
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(source, [f"override {dotted}={value!r}: '{'.'.join(where)}' is a "
+                                       f"{type(node).__name__} in the file, not a mapping of settings; "
+                                       f"write it as '{'.'.join(where)}:' followed by indented key: value lines"])
     node[leaf] = value
+
+
+def parse_overrides(pairs: list[str], source: str = "--set") -> dict[str, Any]:
+    """``["train.max_steps=5", ...]`` (command-line ``--set``) as ``{"train.max_steps": 5}``, values read as YAML.
+
+    Raises:
+        ConfigError: an item without ``=`` or a value that is not YAML.
+    """
+    overrides, problems = {}, []
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        if not eq or not key.strip():
+            problems.append(f"--set {pair!r}: write KEY=VALUE, e.g. --set train.max_steps=5")
+            continue
+        try:
+            overrides[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            problems.append(f"--set {pair!r}: the value is not YAML ({e})")
+    if problems:
+        raise ConfigError(source, problems)
+    return overrides
 
 
 def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None) -> FinetuneConfig:
@@ -498,8 +568,11 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), [f"the top level must be a mapping of sections (data:, model:, ...), got a "
+                                      f"{type(raw).__name__}; write 'section:' lines, not '- item' lines"])
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        _set_dotted(raw, dotted, value, str(path))
     return config_from_dict(raw, source=str(path))
 
 

@@ -1,40 +1,58 @@
-"""The data stage: ingest -> clean -> check -> dedupe -> split -> write, with a report.
+"""The data stage: plan shards -> work each (read, convert, clean, check, MinHash) -> merge (dedupe, split, write).
 
-One call does it all and is what the Flyte task runs::
+The costly work is per record; what needs all records at once (exact and near duplicates, the split,
+the quarantine's order, the report) is cheap once the signatures exist. So the stage is three steps,
+and the one-process run is the sharded one with one shard, through the same functions::
 
     from qloraflow.config import load_config
     from qloraflow.data import prepare_dataset
     report = prepare_dataset(load_config("configs/tiny.yaml").data, "outputs/data", seed=42)
 
-The output folder then holds ``train.parquet``, ``validation.parquet``, ``test.parquet`` (columns
-``id``, ``source``, ``format``, ``messages``), ``quarantine.jsonl`` (one line per rejected record:
-source, line, reason, detail, raw, duplicate_of) and ``report.json``. Every record read is either
-in a split or in the quarantine. Each file appears under its final name only once complete.
-``qloraflow.shard`` runs the same stage over shards of the inputs (a Flyte map task), to the same bytes.
+is ``merge_data_shards(cfg, [work_data_shard(cfg, s) for s in plan_data_shards(cfg, 1)], "outputs/data",
+seed=42)``. With more shards (a Flyte map task, one pod per shard) each shard's work crosses to the
+merge as a folder, and the output is the same, byte for byte (a test holds them equal)::
+
+    from qloraflow.shard import plan_data_shards
+    plan = plan_data_shards(cfg.data, num_shards=8)
+    parts = [prepare_data_shard(cfg.data, s, f"parts/{k}") for k, s in enumerate(plan)]
+    report = merge_data_shards(cfg.data, parts, "outputs/data", seed=42)
+
+A shard cannot know two things, so the merge settles them: where the line numbers of a JSONL piece
+start (each piece counts its lines; the merge adds them up), and the format of an input read with
+``format: auto`` (a piece takes the majority of its own rows; the merge counts the votes of all the
+input's pieces and redoes any piece that guessed otherwise). The output folder then holds the splits,
+the quarantine and the report that :mod:`qloraflow.splits` writes; every record read is either in a
+split or in the quarantine.
 """
 
 from __future__ import annotations
 
 import hashlib
-import html
+import itertools
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
 
 from qloraflow.clean import check_messages, clean_messages
 from qloraflow.config import DataConfig, result_settings
-from qloraflow.dedupe import EXACT_DUPLICATE, DedupeResult, dedupe_texts
-from qloraflow.errors import DataValidationError, EmptyDatasetError
-from qloraflow.files import write_atomic
+from qloraflow.dedupe import dedupe_signatures, record_signatures
+from qloraflow.errors import DataValidationError
+from qloraflow.ingest import Record, Rejected, convert_rows, format_votes, majority_format, record_text
 from qloraflow.minhash import short_text_keys
-from qloraflow.ingest import Record, Rejected, input_files, meta_json, read_source
+from qloraflow.readers import input_files, read_rows
+from qloraflow.shard import plan_data_shards
+from qloraflow.splits import CheckedRecords, write_dataset
 
-SPLITS = ("train", "validation", "test")
-LENGTH_EDGES = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
-NEAR_DUP_EXAMPLES = 10
+PathLike = Union[str, os.PathLike]
 MINHASH_SEED = 1  # datasketch's default permutation seed
+SHARD_FILE = "shard.json"  # written last: a shard folder without it is incomplete
+ROWS_FILE = "rows.jsonl"
+SIGNATURES_FILE = "signatures.npz"
 
 
 def content_hash(paths: list[str]) -> str:
@@ -72,106 +90,14 @@ def record_id(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:32]
 
 
-def assign_split(rid: str, seed: int, validation_fraction: float, test_fraction: float) -> str:
-    """Split of a record from its own id and the seed only, so appending records moves none."""
-    u = int.from_bytes(hashlib.sha256(f"{seed}\0{rid}".encode()).digest()[:8], "big") / 2.0**64
-    if u < test_fraction:
-        return "test"
-    return "validation" if u < test_fraction + validation_fraction else "train"
-
-
-def _read_all(specs: list[str], fmt: str) -> tuple[list[Record], list[Rejected]]:
-    records: list[Record] = []
-    rejected: list[Rejected] = []
-    for spec in specs:
-        for source, kind in input_files(spec):
-            for item in read_source(source, kind, fmt):
-                (records if isinstance(item, Record) else rejected).append(item)
-    return records, rejected
-
-
-def _token_counts(tokenizer: Any, texts: list[str], batch: int = 512) -> list[int]:
-    counts: list[int] = []
-    for i in range(0, len(texts), batch):
-        counts += [len(ids) for ids in tokenizer(texts[i: i + batch], add_special_tokens=False)["input_ids"]]
-    return counts
-
-
-def _quarantine_line(source: str, line: int, reason: str, detail: str, raw: Any,
-                     duplicate_of: Optional[str] = None, similarity: Optional[float] = None) -> dict[str, Any]:
-    entry = {"source": source, "line": line, "reason": reason, "detail": detail, "raw": raw,
-             "duplicate_of": duplicate_of}
-    if similarity is not None:
-        entry["similarity"] = round(similarity, 4)
-    return entry
-
-
-def record_text(messages: list[dict[str, str]]) -> str:
-    """The text of a record that is measured, tokenized and deduplicated: its turns, one per line."""
-    return "\n".join(m["content"] for m in messages)
-
-
-def answer_keys(cfg: DataConfig, messages: list[list[dict[str, str]]]) -> Optional[list[int]]:
-    """Per record, the key of its answer when shorter than ``data.near_dup_short_answer_words``
-    (see :func:`qloraflow.minhash.short_text_keys`): records with different short answers are never
-    near duplicates. None when the setting is off."""
-    if cfg.near_dup_short_answer_words <= 0:
-        return None
-    answers = ["\n".join(m["content"] for m in msgs if m["role"] == "assistant") for msgs in messages]
-    return short_text_keys(answers, cfg.near_dup_short_answer_words)
-
-
-@dataclass
-class CheckedRecords:
-    """Every row read, in input order (test inputs first), converted, cleaned and checked.
-
-    What the decisions that need all records at once (dedupe, split, quarantine, report) start
-    from: :func:`prepare_dataset` builds it in one process, ``qloraflow.shard`` from shards.
-
-    Attributes:
-        records: The rows that became records.
-        is_test: Per record: read from ``data.test_files``.
-        rejected: The rows that could not become records.
-        cleaned: Per record: its cleaned messages (only read for records without a problem).
-        tokens: Per record: its token count, when a tokenizer was given.
-        problems: Per record: ``(reason, detail)`` when unfit to train on, else None.
-    """
-
-    records: list[Record]
-    is_test: list[bool]
-    rejected: list[Rejected]
-    cleaned: list[Optional[list[dict[str, str]]]]
-    tokens: list[Optional[int]]
-    problems: list[Optional[tuple[str, str]]]
-
-    @property
-    def fit(self) -> list[int]:
-        """Positions of the records without a problem."""
-        return [i for i, p in enumerate(self.problems) if p is None]
-
-
-def check_records(cfg: DataConfig, records: list[Record], *, tokenizer: Any = None, max_tokens: Optional[int] = None
-                  ) -> tuple[list[list[dict[str, str]]], list[Optional[int]], list[Optional[tuple[str, str]]]]:
-    """Clean every record and check it: ``(cleaned messages, token counts, problems)``, per record.
-
-    Args and token counting as in :func:`prepare_dataset`.
-    """
-    cleaned = [clean_messages(r.messages, redact=cfg.redact_pii) for r in records]
-    texts = [record_text(msgs) for msgs in cleaned]
-    tokens = _token_counts(tokenizer, texts) if tokenizer is not None else [None] * len(records)
-    problems = [check_messages(msgs, min_output_chars=cfg.min_output_chars, max_chars=cfg.max_chars,
-                               max_repetition=cfg.max_repetition, n_tokens=n, max_tokens=max_tokens)
-                for msgs, n in zip(cleaned, tokens)]
-    return cleaned, tokens, problems
-
-
-def prepare_dataset(cfg: DataConfig, out_dir: Union[str, Path], seed: int = 0, *, tokenizer: Any = None,
+def prepare_dataset(cfg: DataConfig, out_dir: PathLike, seed: int = 0, *, tokenizer: Any = None,
                     max_tokens: Optional[int] = None, distinct_numbers: bool = True,
                     num_workers: Optional[int] = None) -> dict[str, Any]:
     """Read, clean, check, deduplicate and split the configured inputs; write them and a report.
 
-    Test inputs are deduplicated first and kept whole (only duplicates within them go), so a train
-    record that copies a test record is the one removed.
+    The one-process run: the inputs as one shard (:func:`work_data_shard`), merged on their own
+    (:func:`merge_data_shards`). Test inputs are deduplicated first and kept whole (only duplicates
+    within them go), so a train record that copies a test record is the one removed.
 
     Args:
         cfg: The ``data`` section (:class:`qloraflow.config.DataConfig`).
@@ -191,255 +117,309 @@ def prepare_dataset(cfg: DataConfig, out_dir: Union[str, Path], seed: int = 0, *
             ``data.max_reject_rate`` of the records were rejected.
         EmptyDatasetError: No training record (or, with test files, no test record) is left.
     """
-    check_inputs_exist(list(cfg.test_files) + list(cfg.train_files))
-
-    # Load: test inputs first, so that they win every duplicate contest.
-    test_records, test_rejected = _read_all(list(cfg.test_files), cfg.format)
-    train_records, train_rejected = _read_all(list(cfg.train_files), cfg.format)
-    records = test_records + train_records
-    checked = CheckedRecords(records, [True] * len(test_records) + [False] * len(train_records),
-                             test_rejected + train_rejected,
-                             *check_records(cfg, records, tokenizer=tokenizer, max_tokens=max_tokens))
-
-    # Dedupe across test and train together, in that order.
-    fit = checked.fit
-    ids = [record_id(checked.cleaned[i]) for i in fit]
-    dd = dedupe_texts([record_text(checked.cleaned[i]) for i in fit], exact_keys=ids,
-                      threshold=cfg.near_dup_threshold, num_perm=cfg.minhash_num_perm,
-                      shingle_size=cfg.shingle_size, distinct_numbers=distinct_numbers,
-                      shared_line_records=cfg.near_dup_shared_line_records,
-                      distinct_keys=answer_keys(cfg, [checked.cleaned[i] for i in fit]),
-                      num_workers=num_workers, seed=MINHASH_SEED)
-    return write_dataset(cfg, out_dir, seed, checked, ids, dd)
+    options = dict(tokenizer=tokenizer, max_tokens=max_tokens, distinct_numbers=distinct_numbers,
+                   num_workers=num_workers)
+    shards = [work_data_shard(cfg, shard, **options) for shard in plan_data_shards(cfg, num_shards=1)]
+    return merge_data_shards(cfg, shards, out_dir, seed, **options)
 
 
-def write_dataset(cfg: DataConfig, out_dir: Union[str, Path], seed: int, checked: CheckedRecords, ids: list[str],
-                  dd: DedupeResult) -> dict[str, Any]:
-    """Split the records that are kept, and write the splits, the quarantine and the report.
+# ----------------------------------------------------------------------------------------------
+# One shard: read, convert, clean, check, MinHash
+
+
+@dataclass
+class Piece:
+    """One piece of an input (a plan's entry), read, converted, cleaned, checked and MinHashed."""
+
+    spec: dict[str, Any]  # the plan's entry: input, source, kind, test, span
+    format: str  # what its rows were converted as
+    votes: list[list[Any]]  # [format, rows] for format: auto, in order of first appearance
+    lines: int  # lines of a JSONL span that more of its input follows: where the next piece's line numbers start
+    records: list[Record]  # messages: the cleaned ones
+    rejected: list[Rejected]
+    tokens: list[Optional[int]]
+    problems: list[Optional[tuple[str, str]]]
+    ids: list[Optional[str]]  # record_id of the records without a problem
+    signatures: np.ndarray  # of the records without a problem, in order (record_signatures)
+    has: np.ndarray
+    numbers: np.ndarray
+
+
+@dataclass
+class DataShard:
+    """A shard's per-record work: what :func:`merge_data_shards` decides over.
+
+    Attributes:
+        settings: What its content depends on besides the rows (the merge checks it was made the same way).
+        pieces: Its pieces, in plan order.
+    """
+
+    settings: dict[str, Any]
+    pieces: list[Piece]
+
+
+def work_data_shard(cfg: DataConfig, shard: str, *, tokenizer: Any = None, max_tokens: Optional[int] = None,
+                    distinct_numbers: bool = True, num_workers: Optional[int] = None) -> DataShard:
+    """The per-record work of the data stage on one shard of ``qloraflow.shard.plan_data_shards``.
 
     Args:
         cfg: The ``data`` section.
-        out_dir: Output folder (created if missing).
-        seed: Seed of the hash split.
-        checked: Every row, checked.
-        ids: :func:`record_id` of each record in ``checked.fit``, in that order.
-        dd: The deduplication of ``checked.fit``, in that order.
+        shard: One shard of the plan.
+        tokenizer, max_tokens, distinct_numbers, num_workers: As for :func:`prepare_dataset`.
 
-    Returns and Raises: as :func:`prepare_dataset`.
+    Returns:
+        The shard's records, rejected rows and signatures, for :func:`merge_data_shards`.
+
+    Raises:
+        DataValidationError: An input as a whole cannot be read.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    records, is_test_input, cleaned, tokens = checked.records, checked.is_test, checked.cleaned, checked.tokens
-    quarantine = [_quarantine_line(r.source, r.line, r.reason, r.detail, r.raw) for r in checked.rejected]
-    quarantine += [_quarantine_line(r.source, r.line, problem[0], problem[1], r.raw)
-                   for r, problem in zip(records, checked.problems) if problem]
-    fit = checked.fit
-    texts = {i: record_text(cleaned[i]) for i in fit}
-    rows: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-    lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
-    token_lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
-    examples, leaks = [], 0
-    kept_mask = dd.kept.tolist()
-    for k, i in enumerate(fit):
-        r = records[i]
-        if not kept_mask[k]:
-            j = fit[int(dd.duplicate_of[k])]
-            kept = records[j]
-            leaks += is_test_input[j] and not is_test_input[i]
-            sim = float(dd.similarity[k])
-            what = "exact copy" if dd.reason[k] == EXACT_DUPLICATE else f"near copy (Jaccard {sim:.2f})"
-            quarantine.append(_quarantine_line(
-                r.source, r.line, dd.reason[k], f"{what} of {kept.source}:{kept.line}, which is kept",
-                r.raw, f"{kept.source}:{kept.line}", sim))
-            if dd.reason[k] != EXACT_DUPLICATE and len(examples) < NEAR_DUP_EXAMPLES:
-                examples.append({"removed": f"{r.source}:{r.line}", "kept": f"{kept.source}:{kept.line}",
-                                 "similarity": round(sim, 4), "removed_text": texts[i][:300],
-                                 "kept_text": texts[j][:300]})
-            continue
-        split = "test" if is_test_input[i] else assign_split(
-            ids[k], seed, cfg.validation_fraction, 0.0 if cfg.test_files else cfg.test_fraction)
-        rows[split].append({"id": ids[k], "source": f"{r.source}:{r.line}", "format": r.format,
-                            "messages": cleaned[i], "meta": meta_json(r.meta)})
-        lengths[split].append(len(texts[i]))
-        if tokens[i] is not None:
-            token_lengths[split].append(tokens[i])
-
-    # Quarantine in input order (it was filled stage by stage), so it reads alongside the files.
-    rank = {src: k for k, src in enumerate(dict.fromkeys(
-        src for spec in [*cfg.test_files, *cfg.train_files] for src, _ in input_files(spec)))}
-    quarantine.sort(key=lambda q: (rank[q["source"]], q["line"]))
-    report = _report(cfg, seed, records, quarantine, rows, lengths, token_lengths, examples, leaks, dd)
-    write_atomic(out / "quarantine.jsonl", lambda p: _write_jsonl(p, quarantine))
-    write_atomic(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2, default=str)))
-    try:
-        _fail_if_unusable(cfg, report, out)
-    except DataValidationError:
-        for split in SPLITS:  # a stale split from an earlier run must not pass for this one's
-            (out / f"{split}.parquet").unlink(missing_ok=True)
-        raise
-    for split in SPLITS:
-        write_atomic(out / f"{split}.parquet", lambda p, s=split: _write_parquet(p, rows[s]))
-    return report
+    pieces = [_read_piece(cfg, spec, None, tokenizer=tokenizer, max_tokens=max_tokens) for spec in json.loads(shard)]
+    _sign(cfg, pieces, distinct_numbers, num_workers)
+    return DataShard(_settings(cfg, distinct_numbers, max_tokens), pieces)
 
 
-def check_inputs_exist(specs: list[str]) -> None:
-    """Raise one :class:`DataValidationError` naming every input that does not exist."""
-    missing = [s for s in specs if not s.startswith("hf:") and not Path(s).exists()]
-    if missing:
-        raise DataValidationError(f"input file(s) not found: {', '.join(missing)}; check data.train_files / "
-                                  f"data.test_files (relative paths are read from {Path.cwd()})")
+def check_records(cfg: DataConfig, records: list[Record], *, tokenizer: Any = None, max_tokens: Optional[int] = None
+                  ) -> tuple[list[list[dict[str, str]]], list[Optional[int]], list[Optional[tuple[str, str]]]]:
+    """Clean every record and check it: ``(cleaned messages, token counts, problems)``, per record.
+
+    Args and token counting as in :func:`prepare_dataset`.
+    """
+    cleaned = [clean_messages(r.messages, redact=cfg.redact_pii) for r in records]
+    texts = [record_text(msgs) for msgs in cleaned]
+    tokens = _token_counts(tokenizer, texts) if tokenizer is not None else [None] * len(records)
+    problems = [check_messages(msgs, min_output_chars=cfg.min_output_chars, max_chars=cfg.max_chars,
+                               max_repetition=cfg.max_repetition, n_tokens=n, max_tokens=max_tokens)
+                for msgs, n in zip(cleaned, tokens)]
+    return cleaned, tokens, problems
 
 
-def _fail_if_unusable(cfg: DataConfig, report: dict[str, Any], out: Path) -> None:
-    reasons = ", ".join(f"{k}: {v}" for k, v in report["rejected_by_reason"].items()) or "none"
-    where = f"see {out / 'quarantine.jsonl'} for each rejected record"
-    if report["splits"]["train"] == 0:
-        raise EmptyDatasetError(
-            f"no training record left: read {report['read']} record(s) from {', '.join(cfg.train_files)}, "
-            f"rejected {report['rejected']} ({reasons}), {report['splits']['validation']} went to validation, "
-            f"{report['splits']['test']} to test; {where}")
-    if cfg.test_files and report["splits"]["test"] == 0:
-        raise EmptyDatasetError(f"no test record left from {', '.join(cfg.test_files)} ({reasons}); {where}")
-    if report["reject_rate"] > cfg.max_reject_rate:
-        raise DataValidationError(
-            f"{report['rejected']} of {report['read']} records ({report['reject_rate']:.1%}) were rejected "
-            f"({reasons}), more than data.max_reject_rate={cfg.max_reject_rate}; {where}, fix the inputs "
-            "or raise data.max_reject_rate")
-
-
-def _histogram(values: list[int]) -> list[int]:
-    counts = [0] * len(LENGTH_EDGES)
-    for v in values:
-        b = next((k for k in range(len(LENGTH_EDGES) - 1) if v < LENGTH_EDGES[k + 1]), len(LENGTH_EDGES) - 1)
-        counts[b] += 1
+def _token_counts(tokenizer: Any, texts: list[str], batch: int = 512) -> list[int]:
+    counts: list[int] = []
+    for i in range(0, len(texts), batch):
+        counts += [len(ids) for ids in tokenizer(texts[i: i + batch], add_special_tokens=False)["input_ids"]]
     return counts
 
 
-def _report(cfg: DataConfig, seed: int, records: list[Record], quarantine: list[dict], rows: dict, lengths: dict,
-            token_lengths: dict, examples: list, leaks: int, dd: Any) -> dict[str, Any]:
-    by_reason = Counter(q["reason"] for q in quarantine)
-    kept = sum(len(v) for v in rows.values())
-    read = kept + len(quarantine)
-    sources: dict[str, dict[str, Any]] = {}
-    for item in [*records, *quarantine]:
-        src = item.source if isinstance(item, Record) else item["source"]
-        sources.setdefault(src, {"read": 0, "kept": 0, "rejected": 0, "formats": Counter()})
-    for item in records:
-        sources[item.source]["formats"][item.format] += 1
-    for q in quarantine:
-        sources[q["source"]]["rejected"] += 1
-    for split_rows in rows.values():
-        for row in split_rows:
-            sources[row["source"].rsplit(":", 1)[0]]["kept"] += 1
-    for s in sources.values():
-        s["read"] = s["kept"] + s["rejected"]
-        s["formats"] = dict(s["formats"])
-    report: dict[str, Any] = {
-        "read": read,
-        "kept": kept,
-        "rejected": len(quarantine),
-        "reject_rate": len(quarantine) / read if read else 0.0,
-        "rejected_by_reason": dict(sorted(by_reason.items())),
-        "splits": {s: len(rows[s]) for s in SPLITS},
-        "formats": dict(Counter(row["format"] for split_rows in rows.values() for row in split_rows)),
-        "sources": sources,
-        "dedupe": {"exact_duplicates": by_reason.get("exact_duplicate", 0),
-                   "near_duplicates": by_reason.get("near_duplicate", 0),
-                   "train_copies_of_test_removed": leaks, "lsh_bands": dd.lsh_params[0],
-                   "lsh_rows": dd.lsh_params[1],
-                   # Lines that many records share (data.near_dup_shared_line_records) are left out of
-                   # the comparison; shared_text_merges: records kept that comparing full texts removes.
-                   "shared_lines": dd.shared_lines, "records_with_shared_text": dd.records_with_shared_text,
-                   "shared_text_merges": dd.shared_text_merges},
-        "length_histogram": {"unit": "characters", "edges": LENGTH_EDGES,
-                             **{s: _histogram(lengths[s]) for s in SPLITS}},
-        "near_duplicate_examples": examples,
-        "seed": seed,
-        "config": result_settings(cfg),
-        "outputs": {**{s: f"{s}.parquet" for s in SPLITS}, "quarantine": "quarantine.jsonl", "report": "report.json"},
-    }
-    if any(token_lengths.values()):
-        report["token_histogram"] = {"unit": "tokens", "edges": LENGTH_EDGES,
-                                     **{s: _histogram(token_lengths[s]) for s in SPLITS}}
-    return report
+def _read_piece(cfg: DataConfig, spec: dict[str, Any], fmt: Optional[str], *, tokenizer: Any,
+                max_tokens: Optional[int]) -> Piece:
+    """Read, convert (as ``fmt``; None: as the config says, or by this piece's own majority) and check.
+
+    The signatures come after (:func:`_sign`), for all of a shard's pieces at once.
+    """
+    span = tuple(spec["span"]) if "span" in spec else None
+    rows = read_rows(spec["source"], spec["kind"], span)
+    detected = cfg.format == "auto"
+    votes = format_votes(rows) if detected else Counter()
+    if fmt is None:
+        fmt = majority_format(votes) if detected else cfg.format
+    items = list(convert_rows(spec["source"], rows, fmt, detected))
+    records = [x for x in items if isinstance(x, Record)]
+    cleaned, tokens, problems = check_records(cfg, records, tokenizer=tokenizer, max_tokens=max_tokens)
+    for r, messages in zip(records, cleaned):
+        r.messages = messages
+    ids = [None if p else record_id(r.messages) for r, p in zip(records, problems)]
+    empty = _signed([], cfg.minhash_num_perm)
+    return Piece(spec, fmt, [[k, v] for k, v in votes.items()], _lines_before_next(spec["source"], span),
+                 records, [x for x in items if isinstance(x, Rejected)], tokens, problems, ids, *empty)
+
+
+def _sign(cfg: DataConfig, pieces: list[Piece], distinct_numbers: bool, num_workers: Optional[int]) -> None:
+    """MinHash the records without a problem of all ``pieces`` in one go (worker processes pay off on the
+    whole shard, not on a piece), and give each piece its rows."""
+    texts = [[record_text(r.messages) for r, p in zip(piece.records, piece.problems) if p is None] for piece in pieces]
+    arrays = record_signatures([t for piece_texts in texts for t in piece_texts], num_perm=cfg.minhash_num_perm,
+                               shingle_size=cfg.shingle_size, distinct_numbers=distinct_numbers,
+                               num_workers=num_workers, seed=MINHASH_SEED)
+    at = 0
+    for piece, piece_texts in zip(pieces, texts):
+        piece.signatures, piece.has, piece.numbers = (a[at: at + len(piece_texts)] for a in arrays)
+        at += len(piece_texts)
+
+
+def _signed(pieces: list[Piece], num_perm: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pieces' signatures, shingle flags and number keys, one piece after the other."""
+    empty = (np.empty((0, num_perm), dtype=np.uint32), np.empty(0, dtype=bool), np.empty(0, dtype=np.uint64))
+    return tuple(np.concatenate([e, *(getattr(p, name) for p in pieces)])  # type: ignore[return-value]
+                 for e, name in zip(empty, ("signatures", "has", "numbers")))
+
+
+def _lines_before_next(path: str, span: Optional[tuple[int, int]]) -> int:
+    """Lines of a JSONL span that does not reach the end of its file (0 otherwise: no piece follows it)."""
+    if span is None or span[1] >= os.path.getsize(path):
+        return 0
+    lines = 0
+    with open(path, "rb") as f:
+        f.seek(span[0])
+        left = span[1] - span[0]
+        while left > 0 and (block := f.read(min(left, 1 << 20))):
+            lines += block.count(b"\n")
+            left -= len(block)
+    return lines
+
+
+def _settings(cfg: DataConfig, distinct_numbers: bool, max_tokens: Optional[int]) -> dict[str, Any]:
+    """What a shard's content depends on besides its rows: the merge checks it was made the same way."""
+    return json.loads(json.dumps({"data": result_settings(cfg), "distinct_numbers": distinct_numbers,
+                                  "max_tokens": max_tokens}, default=str))
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing
+# A shard as a folder, between a map task's pods
 
 
-def _write_jsonl(path: Path, entries: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for e in entries:
-            # Raw rows may hold bytes, dates or lone surrogates: keep them readable, never fail here.
-            f.write(json.dumps(e, ensure_ascii=True, default=str) + "\n")
+def prepare_data_shard(cfg: DataConfig, shard: str, out_dir: PathLike, *, tokenizer: Any = None,
+                       max_tokens: Optional[int] = None, distinct_numbers: bool = True,
+                       num_workers: Optional[int] = None) -> Path:
+    """:func:`work_data_shard`, saved in ``out_dir`` (created if missing) for :func:`merge_data_shards`.
+
+    Returns:
+        ``out_dir``.
+    """
+    work = work_data_shard(cfg, shard, tokenizer=tokenizer, max_tokens=max_tokens,
+                           distinct_numbers=distinct_numbers, num_workers=num_workers)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ROWS_FILE, "w", encoding="ascii") as f:
+        for p in work.pieces:
+            for r, n, problem, rid in zip(p.records, p.tokens, p.problems, p.ids):
+                row = {"line": r.line, "format": r.format, "raw": r.raw, "tokens": n, "problem": problem,
+                       "messages": None if problem else r.messages, "id": rid}
+                f.write(_json_line(row))
+            for r in p.rejected:
+                f.write(_json_line({"line": r.line, "reason": r.reason, "detail": r.detail, "raw": r.raw}))
+    signatures, has, numbers = _signed(work.pieces, cfg.minhash_num_perm)
+    np.savez(out / SIGNATURES_FILE, signatures=signatures, has=has, numbers=numbers)
+    meta = [{"spec": p.spec, "format": p.format, "votes": p.votes, "lines": p.lines, "records": len(p.records),
+             "rejected": len(p.rejected)} for p in work.pieces]
+    (out / SHARD_FILE).write_text(json.dumps({"settings": work.settings, "pieces": meta}, indent=1))
+    return out
 
 
-def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _json_line(row: dict[str, Any]) -> str:
+    # The quarantine's own encoding, so raw rows come back to be written exactly as they would be.
+    return json.dumps(row, ensure_ascii=True, default=str) + "\n"
 
-    message = pa.struct([("role", pa.string()), ("content", pa.string())])
-    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("format", pa.string()),
-                        ("messages", pa.list_(message)), ("meta", pa.string())])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+def load_data_shard(folder: PathLike, num_perm: int) -> DataShard:
+    """The shard :func:`prepare_data_shard` saved in ``folder``.
+
+    Raises:
+        ValueError: The folder holds no finished shard.
+    """
+    folder = Path(folder)
+    if not (folder / SHARD_FILE).exists():
+        raise ValueError(f"{folder}: not a finished data shard (no {SHARD_FILE}); run prepare_data_shard again")
+    meta = json.loads((folder / SHARD_FILE).read_text())
+    arrays = np.load(folder / SIGNATURES_FILE)
+    signatures = arrays["signatures"].reshape(-1, num_perm)
+    pieces, at = [], 0
+    with open(folder / ROWS_FILE, encoding="ascii") as f:
+        for m in meta["pieces"]:
+            source = m["spec"]["source"]
+            rows = [json.loads(next(f)) for _ in range(m["records"])]
+            rejected = [Rejected(source, row["line"], row["reason"], row["detail"], row["raw"])
+                        for row in (json.loads(next(f)) for _ in range(m["rejected"]))]
+            problems = [tuple(row["problem"]) if row["problem"] else None for row in rows]
+            fit = sum(p is None for p in problems)
+            pieces.append(Piece(
+                m["spec"], m["format"], m["votes"], m["lines"],
+                [Record(source, row["line"], row["format"], row["messages"], row["raw"]) for row in rows], rejected,
+                [row["tokens"] for row in rows], problems, [row["id"] for row in rows], signatures[at: at + fit],
+                arrays["has"][at: at + fit], arrays["numbers"][at: at + fit]))
+            at += fit
+    return DataShard(meta["settings"], pieces)
 
 
 # ----------------------------------------------------------------------------------------------
-# The report as a page (a Flyte Deck)
+# Merge: every decision that needs all records, once, in input order
 
 
-def report_html(report: dict[str, Any]) -> str:
-    """A self-contained HTML page of the stage report (no scripts, no external resources)."""
-    e = html.escape
+def merge_data_shards(cfg: DataConfig, parts: Sequence[Union[DataShard, PathLike]], out_dir: PathLike,
+                      seed: int = 0, *, tokenizer: Any = None, max_tokens: Optional[int] = None,
+                      distinct_numbers: bool = True, num_workers: Optional[int] = None) -> dict[str, Any]:
+    """Deduplicate, split and write the records of every shard, in input order.
 
-    def table(head: list[str], body: list[list[Any]]) -> str:
-        th = "".join(f"<th>{e(str(h))}</th>" for h in head)
-        trs = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Html) else e(str(c))}</td>" for c in row) + "</tr>"
-                      for row in body)
-        return f"<table><tr>{th}</tr>{trs}</table>"
+    Args:
+        cfg: The ``data`` section the shards were made with.
+        parts: The shards of one plan, in plan order: from :func:`work_data_shard`, or the folders
+            :func:`prepare_data_shard` wrote.
+        out_dir: Output folder (created if missing).
+        seed: Seed of the hash split.
+        tokenizer, max_tokens, distinct_numbers, num_workers: As given to the shards (a piece whose
+            format guess was wrong is redone here with them).
 
-    def bar(n: int, total: int) -> _Html:
-        width = max(1, round(200 * n / total)) if n and total else 0
-        return _Html(f'<span class="bar" style="width:{width}px"></span> {n:,}')
+    Returns:
+        The report (also written to ``report.json``), as :func:`prepare_dataset` returns it.
 
-    read = report.get("read", 0)
-    parts = [
-        "<h1>Data stage report</h1>",
-        table(["read", "kept", "rejected", "reject rate"],
-              [[f"{read:,}", f"{report.get('kept', 0):,}", f"{report.get('rejected', 0):,}",
-                f"{report.get('reject_rate', 0.0):.1%}"]]),
-        "<h2>Splits</h2>",
-        table(["split", "records"], [[s, bar(n, report.get("kept", 0))] for s, n in report.get("splits", {}).items()]),
-        "<h2>Rejected, by reason</h2>",
-        table(["reason", "records"], [[r, bar(n, read)] for r, n in report.get("rejected_by_reason", {}).items()]),
-        "<h2>Sources</h2>",
-        table(["source", "formats", "read", "kept", "rejected"],
-              [[s, ", ".join(f"{k} {v}" for k, v in d.get("formats", {}).items()), d["read"], d["kept"], d["rejected"]]
-               for s, d in report.get("sources", {}).items()]),
-    ]
-    for key in ("length_histogram", "token_histogram"):
-        hist = report.get(key)
-        if not hist:
-            continue
-        edges = hist["edges"]
-        labels = [f"{lo:,}-{hi - 1:,}" for lo, hi in zip(edges, edges[1:])] + [f">= {edges[-1]:,}"]
-        splits = [s for s in SPLITS if s in hist]
-        peak = max([1] + [c for s in splits for c in hist[s]])
-        body = [[label] + [bar(hist[s][b], peak) for s in splits] for b, label in enumerate(labels)]
-        parts += [f"<h2>Length ({e(hist['unit'])}) by split</h2>", table([hist["unit"]] + splits, body)]
-    examples = report.get("near_duplicate_examples", [])
-    if examples:
-        parts += ["<h2>Removed near duplicates (examples)</h2>",
-                  table(["removed", "kept", "similarity", "removed text", "kept text"],
-                        [[x["removed"], x["kept"], x["similarity"], x["removed_text"], x["kept_text"]]
-                         for x in examples])]
-    style = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1em}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top;max-width:40em}"
-             ".bar{display:inline-block;height:0.8em;background:#4a7bd0}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Data stage report</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    Raises:
+        ValueError: The shards were made with other settings, or do not cover the inputs once, in order.
+        DataValidationError, EmptyDatasetError: As :func:`prepare_dataset`.
+    """
+    settings = _settings(cfg, distinct_numbers, max_tokens)
+    shards = [p if isinstance(p, DataShard) else load_data_shard(p, cfg.minhash_num_perm) for p in parts]
+    for part, shard in zip(parts, shards):
+        _check_settings(part, shard.settings, settings)
+    pieces = [piece for shard in shards for piece in shard.pieces]
+    _check_coverage(cfg, pieces)
+    for _, group in itertools.groupby(range(len(pieces)), key=lambda k: pieces[k].spec["input"]):
+        group = list(group)
+        # Each piece took the majority format of its own rows; the input's is that of all its rows.
+        # A piece that guessed otherwise is redone here (rare: it takes a file of mixed formats).
+        if cfg.format == "auto":
+            votes: Counter = Counter()
+            for k in group:
+                votes.update(dict(pieces[k].votes))
+            fmt = majority_format(votes)
+            for k in group:
+                if pieces[k].format != fmt:
+                    pieces[k] = _read_piece(cfg, pieces[k].spec, fmt, tokenizer=tokenizer, max_tokens=max_tokens)
+                    _sign(cfg, [pieces[k]], distinct_numbers, num_workers)
+        offset = 0  # a JSONL piece numbered its lines from 1; they follow on from the pieces before it
+        for k in group:
+            for r in [*pieces[k].records, *pieces[k].rejected]:
+                r.line += offset
+            offset += pieces[k].lines
+
+    records = [r for p in pieces for r in p.records]
+    checked = CheckedRecords(records, [p.spec["test"] for p in pieces for _ in p.records],
+                             [r for p in pieces for r in p.rejected], [r.messages for r in records],
+                             [n for p in pieces for n in p.tokens], [x for p in pieces for x in p.problems])
+    ids = [rid for p in pieces for rid in p.ids if rid is not None]
+    signatures, has, numbers = _signed(pieces, cfg.minhash_num_perm)
+    # Dedupe across test and train together, in that order; shared lines and short answers need the texts.
+    msgs = [checked.cleaned[i] for i in checked.fit]
+    dd = dedupe_signatures(ids, signatures, has, numbers, threshold=cfg.near_dup_threshold, seed=MINHASH_SEED,
+                           texts=[record_text(m) for m in msgs], shared_line_records=cfg.near_dup_shared_line_records,
+                           distinct_keys=answer_keys(cfg, msgs), shingle_size=cfg.shingle_size,
+                           distinct_numbers=distinct_numbers, num_workers=num_workers)
+    return write_dataset(cfg, out_dir, seed, checked, ids, dd)
 
 
-class _Html(str):
-    """Markup made here, inserted unescaped."""
+def answer_keys(cfg: DataConfig, messages: list[list[dict[str, str]]]) -> Optional[list[int]]:
+    """Per record, the key of its answer when shorter than ``data.near_dup_short_answer_words``
+    (see :func:`qloraflow.minhash.short_text_keys`): records with different short answers are never
+    near duplicates. None when the setting is off."""
+    if cfg.near_dup_short_answer_words <= 0:
+        return None
+    answers = ["\n".join(m["content"] for m in msgs if m["role"] == "assistant") for msgs in messages]
+    return short_text_keys(answers, cfg.near_dup_short_answer_words)
+
+
+def _check_settings(part: Union[DataShard, PathLike], made: dict[str, Any], settings: dict[str, Any]) -> None:
+    if made != settings:
+        changed = sorted(k for k in {**settings["data"], **made["data"]}
+                         if settings["data"].get(k) != made["data"].get(k))
+        where = "a shard" if isinstance(part, DataShard) else str(part)
+        raise ValueError(f"{where}: this shard was made with other data settings ({', '.join(changed) or 'options'} "
+                         "differ); run the shards again with this config")
+
+
+def _check_coverage(cfg: DataConfig, pieces: list[Piece]) -> None:
+    """Every input once, in order, each JSONL file's spans end to end from byte 0: else the output would differ."""
+    n_inputs = sum(len(input_files(spec)) for spec in [*cfg.test_files, *cfg.train_files])
+    at = [(p.spec["input"], *(p.spec.get("span") or (0, 0))) for p in pieces]
+    inputs = [n for n, _ in itertools.groupby(n for n, _, _ in at)]
+    joined = all(b[1] == (a[2] if a[0] == b[0] else 0) for a, b in zip([(-1, 0, 0), *at], at))
+    if inputs != list(range(n_inputs)) or not joined:
+        raise ValueError(f"the shards hold pieces {at} (input, start byte, stop byte) of the {n_inputs} inputs; "
+                         "pass every shard of one plan, in plan order")

@@ -40,7 +40,9 @@ from typing import Hashable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from qloraflow.minhash import _U32, _U64, _fmix64, _minhash, _odd_multipliers, shared_lines
+from qloraflow.minhash import fmix64, minhash_by_kind, odd_multipliers, shared_lines
+
+_U32, _U64 = np.uint32, np.uint64
 
 EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
@@ -88,7 +90,7 @@ def band_keys(sigs: np.ndarray, hashranges: Sequence[tuple[int, int]]) -> np.nda
     out = np.empty((len(sigs), len(hashranges)), dtype=_U64)
     for b, (lo, hi) in enumerate(hashranges):
         band = sigs[:, lo:hi].astype(_U64)
-        out[:, b] = _fmix64(band @ _odd_multipliers(hi - lo, 1000) + _U64(b))  # the product wraps mod 2**64
+        out[:, b] = fmix64(band @ odd_multipliers(hi - lo, 1000) + _U64(b))  # the product wraps mod 2**64
     return out
 
 
@@ -113,7 +115,7 @@ def _signature_chunk(args: tuple) -> tuple[np.ndarray, ...]:
     The worker entry point: module level so it pickles.
     """
     texts, distinct, num_perm, shingle_size, seed, distinct_numbers, hashranges = args
-    sigs, has, numbers, _ = _minhash(texts, num_perm, shingle_size, seed)
+    sigs, has, numbers, _ = minhash_by_kind(texts, num_perm, shingle_size, seed)
     numbers = _salted(numbers, distinct, distinct_numbers)
     sigs ^= _fold(numbers)[:, None]
     keys = band_keys(sigs, hashranges) if hashranges else np.empty((len(texts), 0), dtype=_U64)
@@ -122,10 +124,10 @@ def _signature_chunk(args: tuple) -> tuple[np.ndarray, ...]:
 
 def _varying_chunk(args: tuple) -> tuple[np.ndarray, ...]:
     """For texts that may hold ``shared`` lines: the salted signatures of what varies and of the
-    full text less its seams (see :func:`_minhash`; the full signature where no line is shared),
+    full text less its seams (see :func:`minhash_by_kind`; the full signature where no line is shared),
     and whether each text touches shared text. The worker entry point for those."""
     texts, distinct, num_perm, shingle_size, seed, distinct_numbers, shared = args
-    full, _, numbers, parts = _minhash(texts, num_perm, shingle_size, seed, shared)
+    full, _, numbers, parts = minhash_by_kind(texts, num_perm, shingle_size, seed, shared)
     salt = _fold(_salted(numbers, distinct, distinct_numbers))[:, None]
     if parts is None:
         full ^= salt

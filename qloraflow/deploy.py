@@ -9,6 +9,15 @@ is a custom vLLM container). Every pod pulls the model before vLLM starts, with
     qloraflow deploy --target k8s --model-uri models:/tiny-sql@champion --version 3 --apply
     qloraflow deploy --target k8s --rollback --apply        # re-apply the previous champion's folder
 
+Locked down by default (``qloraflow.hardening``): vLLM wants ``Authorization: Bearer <key>`` on
+every path but ``/health`` (the key from the Secret ``vllm-api-key``), the download takes the
+tracking URI and its credentials from the Secret ``mlflow-tracking``, the containers run as a
+non-root UID with a read-only root filesystem and no capabilities, and a NetworkPolicy admits only
+pods labelled ``qloraflow.io/vllm-client: "true"`` (``--ingress-pod``/``--ingress-namespace``)::
+
+    kubectl create secret generic vllm-api-key --from-literal=VLLM_API_KEY="$(openssl rand -base64 32)"
+    kubectl create secret generic mlflow-tracking --from-literal=MLFLOW_TRACKING_URI=https://mlflow.example
+
 A registry alias is pinned to the version given (``models:/tiny-sql/3``): the rendered folder then
 always serves the same weights, and rolling back is applying the previous folder, whatever the
 alias says by then. The version is also a pod-template annotation, so a new champion changes the
@@ -29,6 +38,7 @@ from typing import Iterator, Optional, Sequence
 
 import yaml
 
+from qloraflow import hardening, keyguard
 from qloraflow.errors import ConfigError, ServeError
 from qloraflow.files import file_lock
 
@@ -85,7 +95,7 @@ def _check_inputs(model_uri: str, model_name: str, version: str, target: str) ->
 
 
 def _vllm_container(name: str, image: str, model_dir: str, served_name: str, max_model_len: int,
-                    gpus: int, extra_args: Sequence[str]) -> dict:
+                    gpus: int, extra_args: Sequence[str], api_key_secret: str, keyguard_mount: dict) -> dict:
     def probe(failures: int) -> dict:  # fresh dicts each: shared ones would dump as YAML anchors
         return {"httpGet": {"path": "/health", "port": PORT}, "periodSeconds": 10, "timeoutSeconds": 5,
                 "failureThreshold": failures}
@@ -95,9 +105,15 @@ def _vllm_container(name: str, image: str, model_dir: str, served_name: str, max
         "image": image,
         # The module, not the `vllm` console script: the same invocation the CPU tests run.
         "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+        # 0.0.0.0 is the pod's own address: the Service and the probes reach it there. Who may
+        # connect is the NetworkPolicy's; what they may ask without the key, the keyguard's (/health only).
         "args": ["--model", model_dir, "--served-model-name", served_name, "--host", "0.0.0.0",
-                 "--port", str(PORT), "--max-model-len", str(max_model_len), *extra_args],
-        "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "VLLM_NO_USAGE_STATS", "value": "1"}],
+                 "--port", str(PORT), "--max-model-len", str(max_model_len),
+                 "--middleware", keyguard.MIDDLEWARE, *extra_args],
+        "imagePullPolicy": "Always",
+        "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+                hardening.api_key_env(api_key_secret), {"name": "PYTHONPATH", "value": hardening.KEYGUARD_MOUNT},
+                *hardening.writable_env()],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         # Loading weights and warming up can take minutes: the startup probe holds liveness off until
         # /health first answers, so a slow start is not mistaken for a hung server.
@@ -105,25 +121,27 @@ def _vllm_container(name: str, image: str, model_dir: str, served_name: str, max
         "readinessProbe": probe(3),
         "livenessProbe": probe(6),
         "resources": {"requests": {"cpu": "4", "memory": "24Gi", "nvidia.com/gpu": str(gpus)},
-                      "limits": {"memory": "48Gi", "nvidia.com/gpu": str(gpus)}},
-        "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}, {"name": "dshm", "mountPath": "/dev/shm"}],
+                      "limits": {"cpu": "16", "memory": "48Gi", "nvidia.com/gpu": str(gpus)}},
+        "securityContext": hardening.container_security_context(),
+        "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True},
+                         {"name": "dshm", "mountPath": "/dev/shm"}, keyguard_mount,
+                         *hardening.writable_volumes()[1]],
     }
 
 
-def _download_container(model_uri: str, model_dir: str, tracking_uri: Optional[str],
-                        credentials_secret: Optional[str]) -> dict:
-    env = [{"name": "MLFLOW_TRACKING_URI", "value": tracking_uri}] if tracking_uri else []
-    c = {
+def _download_container(model_uri: str, model_dir: str, tracking_secret: str) -> dict:
+    env, env_from = hardening.tracking_env(tracking_secret)
+    return {
         "name": "model-download",
         "image": MLFLOW_IMAGE,
         "command": ["mlflow", "artifacts", "download", "--artifact-uri", model_uri, "--dst-path", model_dir],
-        "env": env,
-        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
-        "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
+        "imagePullPolicy": "Always",
+        "env": [*env, *hardening.writable_env()],
+        "envFrom": env_from,
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+        "securityContext": hardening.container_security_context(),
+        "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}, *hardening.writable_volumes()[1]],
     }
-    if credentials_secret:  # object-store keys (AWS_ACCESS_KEY_ID, ...) without putting them in the manifest
-        c["envFrom"] = [{"secretRef": {"name": credentials_secret, "optional": True}}]
-    return c
 
 
 def render_manifests(
@@ -137,9 +155,11 @@ def render_manifests(
     replicas: int = 1,
     gpus: int = 1,
     max_model_len: int = 4096,
-    tracking_uri: Optional[str] = None,
-    credentials_secret: Optional[str] = "model-store-credentials",
     extra_args: Sequence[str] = (),
+    api_key_secret: str = hardening.API_KEY_SECRET,
+    tracking_secret: str = hardening.TRACKING_SECRET,
+    ingress_namespace_labels: Optional[dict] = None,
+    ingress_pod_labels: Optional[dict] = hardening.DEFAULT_CLIENT_LABELS,
 ) -> list[dict]:
     """The objects that serve one model version.
 
@@ -154,12 +174,16 @@ def render_manifests(
         replicas: Pods (k8s) or minReplicas (kserve).
         gpus: ``nvidia.com/gpu`` per pod.
         max_model_len: Context length vLLM serves.
-        tracking_uri: MLflow tracking URI the download needs for ``models:/`` URIs.
-        credentials_secret: Secret with object-store credentials for the download (optional in the pod).
         extra_args: More vLLM arguments (e.g. ``--dtype bfloat16``).
+        api_key_secret: Secret whose key ``VLLM_API_KEY`` is the key clients must send (required).
+        tracking_secret: Secret with the key ``MLFLOW_TRACKING_URI`` and any credentials the
+            download needs (``MLFLOW_TRACKING_TOKEN``, ``AWS_ACCESS_KEY_ID``, ...), all required.
+        ingress_namespace_labels: Namespaces whose pods may connect (None: this namespace only).
+        ingress_pod_labels: Labels of the pods that may connect (None: every pod of those namespaces).
 
     Returns:
-        Manifests as dicts, in apply order.
+        Manifests as dicts, in apply order: the keyguard ConfigMap, the NetworkPolicy, then the
+        Deployment and Service (``k8s``) or the InferenceService (``kserve``).
 
     Raises:
         ConfigError: an input cannot make a valid object (all problems listed).
@@ -170,23 +194,31 @@ def render_manifests(
     model_dir = f"{MODEL_MOUNT}/{version}"
     labels = {"app.kubernetes.io/name": "vllm", "app.kubernetes.io/instance": name,
               "app.kubernetes.io/part-of": "qloraflow", LABEL_MODEL: name, LABEL_VERSION: version}
+    # The pod template's: a new keyguard rolls the pods as a new version does (the ConfigMap alone would not).
     annotations = {ANNOTATION_VERSION: version, ANNOTATION_URI: uri}
+    pod_annotations = {**annotations, hardening.ANNOTATION_KEYGUARD: hardening.keyguard_digest()}
     meta = {"name": name, "labels": labels, **({"namespace": namespace} if namespace else {})}
     vllm = _vllm_container("vllm" if target == "k8s" else "kserve-container", image, model_dir,
-                           model_name, max_model_len, gpus, extra_args)
+                           model_name, max_model_len, gpus, extra_args, api_key_secret,
+                           hardening.keyguard_mount(name)[1])
     pod = {
-        "initContainers": [_download_container(uri, model_dir, tracking_uri, credentials_secret)],
+        "securityContext": hardening.pod_security_context(),
+        "automountServiceAccountToken": False,  # nothing in the pod talks to the Kubernetes API
+        "initContainers": [_download_container(uri, model_dir, tracking_secret)],
         "containers": [vllm],
         "volumes": [{"name": "model", "emptyDir": {}},
                     # vLLM's worker processes exchange tensors through shared memory; the default 64 MiB is too small.
-                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
+                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+                    hardening.keyguard_mount(name)[0], *hardening.writable_volumes()[0]],
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "terminationGracePeriodSeconds": 60,
     }
-    if target == "kserve":
-        return [_inference_service(meta, annotations, pod, replicas)]
     # The selector is immutable and must not hold the version, or a new champion could not roll out.
     selector = {"app.kubernetes.io/name": "vllm", "app.kubernetes.io/instance": name}
+    guard = [hardening.keyguard_config_map(meta),
+             hardening.network_policy(meta, selector, PORT, ingress_namespace_labels, ingress_pod_labels)]
+    if target == "kserve":
+        return [*guard, _inference_service(meta, annotations, pod_annotations, pod, replicas)]
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -196,7 +228,7 @@ def render_manifests(
             "revisionHistoryLimit": 5,
             "selector": {"matchLabels": selector},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {"metadata": {"labels": dict(labels), "annotations": dict(annotations)}, "spec": pod},
+            "template": {"metadata": {"labels": dict(labels), "annotations": pod_annotations}, "spec": pod},
         },
     }
     service = {
@@ -206,10 +238,10 @@ def render_manifests(
         "spec": {"type": "ClusterIP", "selector": dict(selector),
                  "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}]},
     }
-    return [deployment, service]
+    return [*guard, deployment, service]
 
 
-def _inference_service(meta: dict, annotations: dict, pod: dict, replicas: int) -> dict:
+def _inference_service(meta: dict, annotations: dict, pod_annotations: dict, pod: dict, replicas: int) -> dict:
     predictor = copy.deepcopy(pod)
     predictor.update({
         "minReplicas": replicas,
@@ -217,7 +249,7 @@ def _inference_service(meta: dict, annotations: dict, pod: dict, replicas: int) 
         # Same rollout rule as the plain Deployment (honoured in RawDeployment mode).
         "deploymentStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
         "labels": dict(meta["labels"]),
-        "annotations": dict(annotations),  # on the predictor pods: a new version rolls them
+        "annotations": dict(pod_annotations),  # on the predictor pods: a new version rolls them
     })
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
@@ -440,7 +472,15 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--namespace")
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--tracking-uri", help="MLflow tracking URI the pods use to download models:/ URIs")
+    ap.add_argument("--api-key-secret", default=hardening.API_KEY_SECRET,
+                    help="Secret whose key VLLM_API_KEY clients must send as 'Authorization: Bearer ...'")
+    ap.add_argument("--tracking-secret", default=hardening.TRACKING_SECRET,
+                    help="Secret with MLFLOW_TRACKING_URI (and credentials) the pods download models:/ URIs with")
+    ap.add_argument("--ingress-pod", action="append", metavar="LABEL=VALUE",
+                    help="label of the client pods the NetworkPolicy admits (repeat for more; default "
+                         "qloraflow.io/vllm-client=true); with --ingress-namespace only: every pod there")
+    ap.add_argument("--ingress-namespace", action="append", metavar="LABEL=VALUE",
+                    help="label of the namespaces clients may be in (default: the deployment's own)")
     ap.add_argument("--out", default="outputs/deploy", help="folder of rendered versions (<out>/<target>/<version>)")
     ap.add_argument("--rollback", action="store_true", help="re-apply the previous version's folder")
     mode = ap.add_mutually_exclusive_group(required=True)
@@ -473,9 +513,14 @@ def deploy_main(argv: Optional[Sequence[str]] = None) -> int:
         args.model_uri.split("/")[1] if args.model_uri.startswith("models:/") else None)
     if not name:
         raise ConfigError("qloraflow deploy", [f"--name is required with --model-uri {args.model_uri}"])
+    namespaces = hardening.parse_labels(args.ingress_namespace, "--ingress-namespace")
+    pods = hardening.parse_labels(args.ingress_pod, "--ingress-pod")
+    if pods is None and namespaces is None:
+        pods = hardening.DEFAULT_CLIENT_LABELS
     manifests = render_manifests(args.model_uri, name, args.version, args.image, args.target,
-                                 namespace=args.namespace, replicas=args.replicas,
-                                 max_model_len=args.max_model_len, tracking_uri=args.tracking_uri)
+                                 namespace=args.namespace, replicas=args.replicas, max_model_len=args.max_model_len,
+                                 api_key_secret=args.api_key_secret, tracking_secret=args.tracking_secret,
+                                 ingress_namespace_labels=namespaces, ingress_pod_labels=pods)
     try:
         validate_manifests(manifests)
     except ImportError:  # kubernetes-validate is a dev extra; the cluster validates on apply anyway

@@ -34,6 +34,14 @@ class CheckpointError(QloraflowError):
     """A checkpoint is incomplete or does not match its manifest."""
 
 
+class PreemptedError(QloraflowError):
+    """Training stopped on SIGTERM after saving a checkpoint: retryable, the retry resumes from it."""
+
+
+class DiskFullError(QloraflowError, OSError):
+    """A write ran out of room (disk full, quota, file size limit); the message names the file and the space needed."""
+
+
 class MergeVerificationError(QloraflowError):
     """The merged model does not reproduce the adapter's outputs or metrics."""
 

@@ -44,6 +44,7 @@ import torch
 
 from qloraflow.config import FinetuneConfig
 from qloraflow.errors import DataValidationError
+from qloraflow.paired import BINARY_METRICS, by_id  # noqa: F401 - BINARY_METRICS: the metrics scored 0/1
 from qloraflow.precision import DTYPES, accelerator, release_memory
 from qloraflow.tokenize import IGNORE_INDEX
 
@@ -286,46 +287,68 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
+    return _mean(rouge_l_scores(predictions, references))
+
+
+def rouge_l_scores(predictions: list[str], references: list[str]) -> list[float]:
     from rouge_score.rouge_scorer import RougeScorer
 
     scorer = RougeScorer(["rougeL"], use_stemmer=False)
-    return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / max(len(references), 1)
+    return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
 
 
 def chrf(predictions: list[str], references: list[str]) -> float:
+    return _mean(chrf_scores(predictions, references))
+
+
+def chrf_scores(predictions: list[str], references: list[str]) -> list[float]:
     from sacrebleu.metrics import CHRF
 
     metric = CHRF()
-    return sum(metric.sentence_score(p, [r]).score for p, r in zip(predictions, references)) / 100 / max(len(references), 1)
+    return [metric.sentence_score(p, [r]).score / 100 for p, r in zip(predictions, references)]
 
 
-def score(answers: list[str], refs: list[str], ended: list[bool], metrics: list[str],
-          sqlite_db: Union[None, str, list[Optional[str]]]) -> dict[str, float]:
-    """The task metrics of answers against references; ``eos_rate`` always.
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def record_scores(answers: list[str], refs: list[str], metrics: list[str],
+                  sqlite_db: Union[None, str, list[Optional[str]]]) -> dict[str, list[float]]:
+    """Each task metric's score of every answer, in answer order (the verdicts the gate pairs by record id).
 
     Args:
         sqlite_db: The database of execution_accuracy: one for all answers, or one per answer
             (:func:`record_databases`).
     """
-    n = max(len(refs), 1)
-    out = {"eos_rate": sum(ended) / n}
+    out: dict[str, list[float]] = {}
     if "exact_match" in metrics:
-        out["exact_match"] = sum(exact_match(a, r) for a, r in zip(answers, refs)) / n
+        out["exact_match"] = [exact_match(a, r) for a, r in zip(answers, refs)]
     if "execution_accuracy" in metrics:
         dbs = sqlite_db if isinstance(sqlite_db, list) else [sqlite_db] * len(refs)
-        out["execution_accuracy"] = sum(execution_match(a, r, d) for a, r, d in zip(answers, refs, dbs)) / n
-        out["sql_runs"] = sum(sql_runs(a, d) for a, d in zip(answers, dbs)) / n
-        out["sql_exact_match"] = sum(sql_exact_match(a, r) for a, r in zip(answers, refs)) / n
+        out["execution_accuracy"] = [execution_match(a, r, d) for a, r, d in zip(answers, refs, dbs)]
+        out["sql_runs"] = [sql_runs(a, d) for a, d in zip(answers, dbs)]
+        out["sql_exact_match"] = [sql_exact_match(a, r) for a, r in zip(answers, refs)]
     if "rouge_l" in metrics:
-        out["rouge_l"] = rouge_l(answers, refs)
+        out["rouge_l"] = rouge_l_scores(answers, refs)
     if "chrf" in metrics:
-        out["chrf"] = chrf(answers, refs)
+        out["chrf"] = chrf_scores(answers, refs)
     return out
+
+
+def score(answers: list[str], refs: list[str], ended: list[bool], metrics: list[str],
+          sqlite_db: Union[None, str, list[Optional[str]]]) -> dict[str, float]:
+    """The task metrics of answers against references (the means of :func:`record_scores`); ``eos_rate`` always."""
+    n = max(len(refs), 1)
+    return {"eos_rate": sum(ended) / n,
+            **{k: sum(v) / n for k, v in record_scores(answers, refs, metrics, sqlite_db).items()}}
 
 
 @dataclass
 class Evaluation:
-    """One model's result on the test split: metrics, a sample per record, and the generation's cost."""
+    """One model's result on the test split: metrics, a sample per record, and the generation's cost.
+
+    Each sample holds its record's ``id``, and ``scores``: its own score on every task metric.
+    """
 
     metrics: dict[str, float]
     samples: list[dict]
@@ -335,6 +358,15 @@ class Evaluation:
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+    @property
+    def answers(self) -> dict[str, str]:
+        """``{record id: answer}``."""
+        return {rid: s["answer"] for rid, s in by_id(self.samples, "samples").items()}
+
+    def verdicts(self, metric: str) -> dict[str, float]:
+        """``{record id: score}`` on one task metric (what the promotion gate pairs)."""
+        return {rid: float(s["scores"][metric]) for rid, s in by_id(self.samples, "samples").items()}
 
 
 def evaluate_model(cfg: FinetuneConfig, model_dir: str, data_dir: str | os.PathLike, tok_dir: str | os.PathLike,
@@ -350,7 +382,8 @@ def evaluate_model(cfg: FinetuneConfig, model_dir: str, data_dir: str | os.PathL
         model: the model already loaded (``model_dir`` and ``adapter_dir`` are then not read).
 
     Returns:
-        The metrics, and a sample per test record: its ``id`` and ``meta``, prompt, reference and answer.
+        The metrics, and a sample per test record: its ``id`` and ``meta``, prompt, reference, answer and
+        ``scores`` (its score on each task metric).
     """
     import datasets
     from transformers import AutoTokenizer
@@ -368,7 +401,9 @@ def evaluate_model(cfg: FinetuneConfig, model_dir: str, data_dir: str | os.PathL
     chats, refs = prompt_messages(records)
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     gen = generate_greedy(model, tokenizer, prompts, e.max_new_tokens, e.batch_size, e.max_batch_tokens)
-    metrics.update(score(gen.answers, refs, gen.ended, e.metrics, databases))
+    per_record = record_scores(gen.answers, refs, e.metrics, databases)
+    metrics["eos_rate"] = sum(gen.ended) / max(len(refs), 1)
+    metrics.update({k: sum(v) / max(len(refs), 1) for k, v in per_record.items()})
     if e.judge_base_url:
         questions = [c[-1]["content"] for c in chats]
         judged = judge_answers(e.judge_base_url, e.judge_model, questions, refs, gen.answers)
@@ -376,8 +411,8 @@ def evaluate_model(cfg: FinetuneConfig, model_dir: str, data_dir: str | os.PathL
             metrics["judge_score"] = judged["judge_score"]
     # Each sample keeps its record's id and metadata, so an answer can be traced to its input row.
     samples = [{"id": rec["id"], "meta": row_meta(rec), "messages": c, "prompt": p, "reference": r, "answer": a,
-                "ended_with_eos": d}
-               for rec, c, p, r, a, d in zip(records, chats, prompts, refs, gen.answers, gen.ended)]
+                "ended_with_eos": d, "scores": {k: v[i] for k, v in per_record.items()}}
+               for i, (rec, c, p, r, a, d) in enumerate(zip(records, chats, prompts, refs, gen.answers, gen.ended))]
     if owned:
         del model
         release_memory()
@@ -407,7 +442,7 @@ JUDGE_PROMPT = (
 
 
 def judge_answers(base_url: str, model: str, questions: list[str], references: list[str], answers: list[str],
-                  timeout_s: float = 60.0) -> dict[str, Any]:
+                  timeout_s: float = 60.0, api_key: Optional[str] = None) -> dict[str, Any]:
     """LLM-as-judge through any OpenAI-compatible endpoint (off unless ``eval.judge_base_url`` is set).
 
     Returns:
@@ -416,7 +451,8 @@ def judge_answers(base_url: str, model: str, questions: list[str], references: l
     """
     from openai import OpenAI
 
-    client = OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), timeout=timeout_s,
+    key = api_key or os.environ.get("OPENAI_API_KEY", "EMPTY")  # a keyed vLLM judge: VllmServer.api_key
+    client = OpenAI(base_url=base_url, api_key=key, timeout=timeout_s,
                     max_retries=1)
     scores: list[Optional[int]] = []
     for q, r, a in zip(questions, references, answers):
@@ -428,46 +464,3 @@ def judge_answers(base_url: str, model: str, questions: list[str], references: l
     parsed = [x for x in scores if x is not None]
     return {"scores": scores, "unparsed": len(scores) - len(parsed),
             "judge_score": (sum(parsed) / len(parsed) - 1) / 4 if parsed else None}
-
-
-def comparison_png(results: dict[str, dict[str, float]], path: str | os.PathLike) -> str:
-    """Bar chart of the [0, 1] metrics of each model (base, candidate, ...), side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = sorted({k for m in results.values() for k, v in m.items() if 0.0 <= v <= 1.0})
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / max(len(results), 1)
-    for i, (name, m) in enumerate(results.items()):
-        ax.bar([j + i * width for j in range(len(keys))], [m.get(k, 0.0) for k in keys], width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys, rotation=15)
-    ax.set(ylim=(0, 1), title="held-out metrics")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
-
-
-def comparison_html(results: dict[str, dict[str, float]], samples: dict[str, list[dict]], limit: int = 10) -> str:
-    """An HTML page (a Flyte Deck) comparing models: a metric table, bars, and sample answers."""
-    import html
-
-    names = list(results)
-    keys = sorted({k for m in results.values() for k in m})
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
-    body = "".join(f"<tr><td>{k}</td>" + "".join(f"<td>{results[n].get(k, float('nan')):.4f}</td>" for n in names)
-                   + "</tr>" for k in keys)
-    bars = "".join(
-        f"<div>{html.escape(n)} {k}: <span style='display:inline-block;background:#4a7;height:10px;"
-        f"width:{int(200 * min(max(results[n].get(k, 0), 0), 1))}px'></span> {results[n].get(k, 0):.3f}</div>"
-        for k in keys if all(0 <= results[n].get(k, 0) <= 1 for n in names) for n in names)
-    first = samples[names[0]][:limit] if names else []
-    rows = "".join(
-        "<tr><td><pre>" + html.escape(s["prompt"][-300:]) + "</pre></td><td>" + html.escape(s["reference"])
-        + "</td>" + "".join(f"<td>{html.escape(samples[n][i]['answer'])}</td>" for n in names) + "</tr>"
-        for i, s in enumerate(first))
-    return (f"<h3>Evaluation</h3><table border=1><tr><th>metric</th>{head}</tr>{body}</table>{bars}"
-            f"<h3>Samples</h3><table border=1><tr><th>prompt</th><th>reference</th>{head}</tr>{rows}</table>")

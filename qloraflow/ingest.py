@@ -20,28 +20,23 @@ Formats (``data.format`` or detected per file by majority over its rows):
   of ``{"type": "text", "text": ...}`` parts; ``developer`` counts as ``system``.
 - ``completion``: ``text``, trained on as a whole: ``[{"role": "assistant", "content": text}]``.
 
-Inputs: a file (``.jsonl``/``.ndjson``, ``.json``, ``.parquet``, ``.csv``), a ``save_to_disk`` folder
-(a DatasetDict folder gives its ``train`` split), a folder of such files (each read on its own, in
-name order), or ``hf:owner/name[:split]`` for the Hub where a network exists.
+Inputs (read by :mod:`qloraflow.readers`, whose :func:`input_files` and :func:`read_rows` this module
+offers too): a file (``.jsonl``/``.ndjson``, ``.json``, ``.parquet``, ``.csv``), a ``save_to_disk``
+folder (a DatasetDict folder gives its ``train`` split), a folder of such files (each read on its own,
+in name order), or ``hf:owner/name[:split]`` for the Hub where a network exists.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-from qloraflow.errors import DataValidationError
+# input_files and read_rows are part of this module's API: ingestion is reading plus converting.
+from qloraflow.readers import Row, RowRejected, Unparsed, input_files, parse_json, read_rows  # noqa: F401
 
 FORMATS = ("alpaca", "sharegpt", "messages", "completion")
-FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-HUB_PREFIX = "hf:"
-HF_FOLDER_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-BOM = b"\xef\xbb\xbf"
 
 # Axolotl's ShareGPT roles, plus the OpenAI names that ShareGPT exports often carry.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -84,22 +79,6 @@ class Rejected:
     raw: Any
 
 
-class RowRejected(Exception):
-    """A row that cannot become a record: a quarantine reason code and message, not a stage error."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
-@dataclass
-class _Row:
-    line: int
-    value: Any  # the parsed row; None when unreadable
-    raw: Any
-    error: Optional[RowRejected] = None
-
-
 def record_meta(raw: Any, fmt: str) -> dict[str, Any]:
     """The fields of a row that are not its content: everything the format does not read.
 
@@ -125,7 +104,7 @@ def record_meta(raw: Any, fmt: str) -> dict[str, Any]:
     meta = {k: v for k, v in raw.items() if k not in own and k != META and v is not None}
     nested = raw.get(META)
     if isinstance(nested, str) and nested.lstrip().startswith("{"):
-        nested, _ = _parse_json(nested)
+        nested, _ = parse_json(nested)
     if isinstance(nested, dict):
         meta = {**nested, **meta}
     elif nested is not None:
@@ -136,6 +115,11 @@ def record_meta(raw: Any, fmt: str) -> dict[str, Any]:
 def meta_json(meta: dict[str, Any]) -> str:
     """A record's metadata as the splits store it: one JSON object, keys sorted (``{}`` when none)."""
     return json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def record_text(messages: list[dict[str, str]]) -> str:
+    """The text of a record that is measured, tokenized and deduplicated: its turns, one per line."""
+    return "\n".join(m["content"] for m in messages)
 
 
 def detect_format(row: Any) -> Optional[str]:
@@ -178,7 +162,7 @@ def _alpaca(row: dict) -> list[dict[str, str]]:
 
 def _turns(row: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
     turns = row.get(key)
-    if isinstance(turns, _Unparsed):
+    if isinstance(turns, Unparsed):
         raise turns.reject
     if turns is None:
         raise RowRejected("missing_field", f"'{key}' is missing; a {key} record needs a list of turns")
@@ -253,255 +237,7 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading rows from each kind of input
-
-
-def _decode_line(raw: bytes) -> tuple[Optional[str], Optional[RowRejected]]:
-    try:
-        return raw.decode("utf-8"), None
-    except UnicodeDecodeError as e:
-        return None, RowRejected("bad_encoding", f"byte {e.start + 1} ({raw[e.start:e.start + 1]!r}) is not UTF-8; "
-                                             "re-save the file as UTF-8")
-
-
-def _parse_json(text: str) -> tuple[Any, Optional[RowRejected]]:
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError as e:
-        return None, RowRejected("invalid_json", f"not valid JSON: {e.msg} at column {e.colno}")
-    except RecursionError:
-        return None, RowRejected("invalid_json", "not valid JSON: nested too deeply")
-
-
-def _read_jsonl(path: Path, start: int = 0, stop: Optional[int] = None) -> Iterator[_Row]:
-    """Rows of the lines that start in bytes ``[start, stop)``; line numbers count from ``start``."""
-    # Binary, decoded per line: one bad byte costs one record, not the file.
-    with open(path, "rb") as f:
-        f.seek(start)
-        pos = start
-        for line, raw in enumerate(f, 1):
-            if stop is not None and pos >= stop:
-                break
-            pos += len(raw)
-            if raw.startswith(BOM):  # files glued together can carry one on any line
-                raw = raw[len(BOM):]
-            if not raw.strip():
-                continue  # blank lines are not records
-            raw = raw.rstrip(b"\r\n")
-            text, err = _decode_line(raw)
-            if err:
-                yield _Row(line, None, raw.decode("utf-8", "backslashreplace"), err)
-                continue
-            value, err = _parse_json(text)
-            yield _Row(line, value, text, err)
-
-
-def _read_json(path: Path) -> Iterator[_Row]:
-    data = path.read_bytes()
-    if data.startswith(BOM):
-        data = data[len(BOM):]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        yield _Row(line, None, data.decode("utf-8", "backslashreplace")[:2000],
-                   RowRejected("bad_encoding", f"byte {e.start + 1} is not UTF-8 (line {line}); "
-                                               "re-save the file as UTF-8"))
-        return
-    start = len(text) - len(text.lstrip())
-    if not text[start:]:
-        return
-    if text[start] != "[":
-        value, err = _parse_json(text)
-        if err and "Extra data" in err.detail:  # JSON Lines under a .json name
-            yield from _read_jsonl(path)
-            return
-        yield _Row(text.count("\n", 0, start) + 1, value, text[:2000] if err else value, err)
-        return
-    yield from _json_array(text, start)
-
-
-def _json_array(text: str, start: int) -> Iterator[_Row]:
-    """Elements of a top-level JSON array with the line each starts on."""
-    decoder = json.JSONDecoder()
-    pos, line, counted = start + 1, 1, 0
-
-    def skip(p: int) -> int:
-        while p < len(text) and text[p] in " \t\r\n":
-            p += 1
-        return p
-
-    pos = skip(pos)
-    if pos < len(text) and text[pos] == "]":
-        return
-    while True:
-        line += text.count("\n", counted, pos)
-        counted = pos
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except (json.JSONDecodeError, RecursionError) as e:
-            msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-            yield _Row(line, None, text[pos: pos + 2000],
-                       RowRejected("invalid_json", f"not valid JSON: {msg}; the rest of the file from here "
-                                                   "is unreadable"))
-            return
-        yield _Row(line, value, text[pos:end])
-        pos = skip(end)
-        if pos < len(text) and text[pos] == ",":
-            pos = skip(pos + 1)
-            continue
-        if pos < len(text) and text[pos] == "]" and not text[skip(pos + 1):]:
-            return
-        line += text.count("\n", counted, pos)
-        counted = pos
-        yield _Row(line, None, text[pos: pos + 2000],
-                   RowRejected("invalid_json", "not valid JSON: expected ',' or ']' after an array element; "
-                                           "the rest of the file from here is unreadable"))
-        return
-
-
-def _read_parquet(path: Path) -> Iterator[_Row]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise DataValidationError(f"{path}: cannot be read as Parquet ({e}); re-export it or convert it "
-                                  "to JSONL") from e
-    line = 0
-    for batch in pf.iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            line += 1
-            yield _Row(line, row, row)
-
-
-def _read_csv(path: Path) -> Iterator[_Row]:
-    data = path.read_bytes()
-    if data.startswith(BOM):
-        data = data[len(BOM):]
-    # surrogateescape keeps undecodable bytes visible, so the row holding them is the one rejected.
-    reader = csv.DictReader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
-    line = 0
-    try:
-        for row in reader:
-            line += 1
-            raw = {k: v for k, v in row.items() if k is not None}
-            if any(_has_surrogates(v) for v in list(row.values()) + list(row.keys()) if isinstance(v, str)):
-                yield _Row(line, None, _escape_surrogates(raw),
-                           RowRejected("bad_encoding", "the row has bytes that are not UTF-8; "
-                                                       "re-save the file as UTF-8"))
-            elif None in row or None in row.values():
-                detail = (f"the row has {_field_count(row)} fields, the header {len(reader.fieldnames or [])}; "
-                          "check quoting")
-                yield _Row(line, None, raw, RowRejected("malformed_row", detail))
-            else:
-                yield _Row(line, _cells(row), raw)
-    except csv.Error as e:
-        yield _Row(line + 1, None, "", RowRejected("malformed_row", f"CSV cannot be parsed from here on: {e}"))
-
-
-def _field_count(row: dict) -> int:
-    return sum(1 for k, v in row.items() if k is not None and v is not None) + len(row.get(None) or [])
-
-
-def _cells(row: dict[str, str]) -> dict[str, Any]:
-    """CSV cells are strings: turn lists (conversations, messages) stored as JSON back into lists."""
-    out: dict[str, Any] = dict(row)
-    for key in ("messages", "conversations"):
-        cell = out.get(key)
-        if isinstance(cell, str) and cell.lstrip().startswith("["):
-            value, err = _parse_json(cell)
-            out[key] = _Unparsed(RowRejected("invalid_json", f"column '{key}': {err.detail}")) if err else value
-    return out
-
-
-class _Unparsed:
-    """A CSV cell that should have held JSON; converting the row reports it."""
-
-    def __init__(self, reject: RowRejected):
-        self.reject = reject
-
-
-def _has_surrogates(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
-
-
-def _escape_surrogates(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    if isinstance(value, dict):
-        return {_escape_surrogates(k): _escape_surrogates(v) for k, v in value.items()}
-    return value
-
-
-def _hf_rows(ds: Any) -> Iterator[_Row]:
-    line = 0
-    for batch in ds.iter(batch_size=1024):
-        keys = list(batch)
-        for values in zip(*(batch[k] for k in keys)):
-            line += 1
-            row = dict(zip(keys, values))
-            yield _Row(line, row, row)
-
-
-def _read_hf_folder(path: Path) -> Iterator[_Row]:
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataValidationError(f"{path}: holds splits {', '.join(ds)} and no 'train'; "
-                                      f"list the split's folder instead (e.g. {path}/{next(iter(ds))})")
-        ds = ds["train"]
-    yield from _hf_rows(ds)
-
-
-def _read_hub(name: str) -> Iterator[_Row]:
-    import datasets
-
-    repo, _, split = name[len(HUB_PREFIX):].partition(":")
-    try:
-        ds = datasets.load_dataset(repo, split=split or "train")
-    except Exception as e:  # no network, unknown repo, gated: all mean "not here"
-        raise DataValidationError(
-            f"{name}: cannot load it from the Hugging Face Hub ({type(e).__name__}: {e}); where there is no "
-            "network, save it with datasets' save_to_disk elsewhere and list that folder") from e
-    yield from _hf_rows(ds)
-
-
-def input_files(spec: str) -> list[tuple[str, str]]:
-    """``(source name, kind)`` for each file or dataset an input entry stands for.
-
-    Raises:
-        DataValidationError: The path does not exist or has an unsupported type.
-    """
-    if spec.startswith(HUB_PREFIX):
-        return [(spec, "hub")]
-    path = Path(spec)
-    if path.is_dir():
-        if any((path / m).exists() for m in HF_FOLDER_MARKERS):
-            return [(spec, "hf_folder")]
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_KINDS)
-        if not files:
-            raise DataValidationError(f"{spec}: folder holds no {', '.join(FILE_KINDS)} file and is not a "
-                                      "datasets save_to_disk folder")
-        return [(str(p), FILE_KINDS[p.suffix.lower()]) for p in files]
-    if not path.exists():
-        raise DataValidationError(f"{spec}: input file not found; check data.train_files / data.test_files "
-                                  f"(relative paths are read from {Path.cwd()})")
-    kind = FILE_KINDS.get(path.suffix.lower())
-    if kind is None:
-        raise DataValidationError(f"{spec}: unsupported file type '{path.suffix}'; use one of "
-                                  f"{', '.join(FILE_KINDS)} or a datasets save_to_disk folder")
-    return [(spec, kind)]
-
-
-_READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "csv": _read_csv,
-            "hf_folder": _read_hf_folder}
+# Rows (qloraflow.readers) into records
 
 
 def read_source(source: str, kind: str, fmt: str = "auto") -> Iterator[Union[Record, Rejected]]:
@@ -520,23 +256,7 @@ def read_source(source: str, kind: str, fmt: str = "auto") -> Iterator[Union[Rec
     yield from convert_rows(source, rows, majority_format(format_votes(rows)) if detected else fmt, detected)
 
 
-def read_rows(source: str, kind: str, span: Optional[tuple[int, int]] = None) -> list[_Row]:
-    """The rows of one input, parsed but not converted (the first half of :func:`read_source`).
-
-    Args:
-        source: As for :func:`read_source`.
-        kind: As for :func:`read_source`.
-        span: ``(start, stop)`` bytes of a JSONL file: the rows of the lines that start there,
-            numbered from 1 at ``start`` (``start`` must be a line start).
-    """
-    if span is not None:
-        if kind != "jsonl":
-            raise ValueError(f"{source}: only JSONL files are read by byte range, not {kind}")
-        return list(_read_jsonl(Path(source), *span))
-    return list(_read_hub(source) if kind == "hub" else _READERS[kind](Path(source)))
-
-
-def format_votes(rows: list[_Row]) -> Counter:
+def format_votes(rows: list[Row]) -> Counter:
     """How many readable rows look like each format, in order of first appearance."""
     return Counter(f for f in (detect_format(r.value) for r in rows if r.error is None) if f)
 
@@ -546,12 +266,12 @@ def majority_format(votes: Counter) -> str:
     return votes.most_common(1)[0][0] if votes else ""
 
 
-def convert_rows(source: str, rows: list[_Row], fmt: str, detected: bool) -> Iterator[Union[Record, Rejected]]:
+def convert_rows(source: str, rows: list[Row], fmt: str, detected: bool) -> Iterator[Union[Record, Rejected]]:
     """Rows in the chat form, or rejected with a reason (the second half of :func:`read_source`).
 
     Args:
         source: The input's name, for each record.
-        rows: From :func:`read_rows`.
+        rows: From :func:`qloraflow.readers.read_rows`.
         fmt: One of :data:`FORMATS`, or "" when no row has a known format.
         detected: ``fmt`` was the majority of the input's rows, not set in the config.
     """

@@ -51,6 +51,7 @@ from safetensors import SafetensorError
 
 from qloraflow.checkpoint import MANIFEST, save_atomic
 from qloraflow.errors import MergeVerificationError, QloraflowError
+from qloraflow.paired import match_ids
 from qloraflow.precision import DTYPES, accelerator, nudge_by_ulp, release_memory, ulp
 from qloraflow.tokenize import IGNORE_INDEX
 
@@ -101,7 +102,7 @@ def load_adapted(base_model: str, adapter_dir: str | os.PathLike, dtype: torch.d
 
 
 def _merge(base_model: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype_name: str,
-           probe: Optional[list[dict]]) -> tuple[dict[str, Any], Optional[list[torch.Tensor]]]:
+           probe: Optional[list[dict]]) -> tuple[dict[str, Any], Optional[dict[str, torch.Tensor]]]:
     from transformers import AutoTokenizer
 
     dtype = DTYPES[dtype_name]
@@ -131,10 +132,13 @@ def _merge(base_model: str, adapter_dir: str | os.PathLike, out_dir: str | os.Pa
             shutil.rmtree(leftover, ignore_errors=True)
         raise MergeError(f"could not write the merged model to {out_dir}: {_io_reason(e)}; free space (it needs "
                          f"about {_param_bytes(merged) / 2**20:.0f} MiB) or choose another output folder") from e
-    info = {"merged_dir": str(out_dir), "dtype": dtype_name, "bytes": _folder_bytes(out_dir),
+    info = {"dtype": dtype_name, "bytes": _folder_bytes(out_dir),
             "base_bytes": _folder_bytes(Path(base_model)) if Path(base_model).is_dir() else None,
             "eos_token_id": gen.eos_token_id, "sha256": model_digest(out_dir)}
+    # No paths in the file: it travels with the folder it describes (kept, copied, registered), so a
+    # path of where the merge happened to write (a Flyte sandbox) would only go stale.
     (out_dir / "merge_info.json").write_text(json.dumps(info, indent=1))
+    info["merged_dir"] = str(out_dir)
     del model, merged
     release_memory()
     return info, reference
@@ -185,43 +189,65 @@ def probe_rows(tok_dir: str | os.PathLike, n: int, max_positions: int = 256) -> 
     """The first ``n`` tokenized test rows and, in each, the positions whose next token is an answer token.
 
     Returns:
-        ``[{"input_ids": [...], "positions": [...]}]``: position ``t`` predicts token ``t + 1``.
+        ``[{"id": ..., "input_ids": [...], "positions": [...]}]``: position ``t`` predicts token ``t + 1``;
+        ``id`` is the row's record id (``#2``, ``#3`` ... after it for a record's later turns; the row's
+        number for a split tokenized without ids).
     """
     import datasets
 
-    rows = datasets.load_from_disk(str(Path(tok_dir) / "test")).select_columns(["input_ids", "labels"])
-    probe = []
-    for row in rows.select(range(min(n, len(rows)))):
+    rows = datasets.load_from_disk(str(Path(tok_dir) / "test"))
+    rows = rows.select_columns([c for c in ("input_ids", "labels", "id") if c in rows.column_names])
+    probe, seen = [], {}
+    for k, row in enumerate(rows.select(range(min(n, len(rows))))):
+        rid = row.get("id") or f"row {k}"
+        seen[rid] = seen.get(rid, 0) + 1
         positions = [t for t in range(len(row["labels"]) - 1) if row["labels"][t + 1] != IGNORE_INDEX]
         if positions:
-            probe.append({"input_ids": row["input_ids"], "positions": positions[:max_positions]})
+            probe.append({"id": rid if seen[rid] == 1 else f"{rid}#{seen[rid]}", "input_ids": row["input_ids"],
+                          "positions": positions[:max_positions]})
     return probe
 
 
 @torch.no_grad()
-def next_token_logprobs(model: Any, probe: list[dict]) -> list[torch.Tensor]:
-    """Log-probabilities (float32, on the host) of the next token at each probe position."""
-    out = []
-    for row in probe:
+def next_token_logprobs(model: Any, probe: list[dict]) -> dict[str, torch.Tensor]:
+    """Log-probabilities (float32, on the host) of the next token at each probe position, by probe row id."""
+    out = {}
+    for k, row in enumerate(probe):
         ids = torch.tensor([row["input_ids"]], device=model.device)
         keep = torch.tensor(row["positions"], device=model.device)
         logits = model(input_ids=ids, logits_to_keep=keep).logits[0].float()
-        out.append(torch.log_softmax(logits, dim=-1).cpu())
+        out[row.get("id") or f"row {k}"] = torch.log_softmax(logits, dim=-1).cpu()
     return out
 
 
-def compare_distributions(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict[str, float]:
-    """Mean and largest KL(reference || other) per position, and the share of equal argmax tokens."""
+def compare_distributions(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean and largest KL(reference || other) per position, and the share of equal argmax tokens, the
+    rows matched by record id.
+
+    Raises:
+        RecordMismatchError: a row id is on one side only.
+    """
     device = accelerator()
     kls, agree, n = [], 0, 0
-    for a, b in zip(reference, other):
-        a, b = a.to(device), b.to(device)
+    ids = match_ids(reference, other, "the reference distributions", "the compared ones") if reference or other else []
+    for rid in ids:
+        a, b = reference[rid].to(device), other[rid].to(device)
         kls.append((a.exp() * (a - b)).sum(-1).clamp_min(0).cpu())
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         n += a.shape[0]
     kl = torch.cat(kls) if kls else torch.zeros(0)
     return {"mean_kl": float(kl.mean()) if n else 0.0, "max_kl": float(kl.max()) if n else 0.0,
             "greedy_agreement": agree / n if n else 1.0, "positions": n}
+
+
+def compare_answers(merged: dict[str, str], adapter: dict[str, str]) -> float:
+    """Share of test records whose greedy answer from the merged model equals base + adapter's, by record id.
+
+    Raises:
+        RecordMismatchError: the two answered different records.
+    """
+    ids = match_ids(merged, adapter, "the merged model's answers", "the adapter's")
+    return sum(merged[i].strip() == adapter[i].strip() for i in ids) / len(ids)
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -352,7 +378,7 @@ def weight_problems(weights: dict[str, Any]) -> list[str]:
 
 def verify_merge(base_model: str, adapter_dir: str | os.PathLike, merged_dir: str | os.PathLike,
                  probe: list[dict], dtype_name: str, kl_factor: float = 4.0,
-                 reference: Optional[list[torch.Tensor]] = None) -> dict[str, Any]:
+                 reference: Optional[dict[str, torch.Tensor]] = None) -> dict[str, Any]:
     """Prove the saved merged model equals base + adapter (the two checks of the module docstring).
 
     Args:

@@ -39,7 +39,7 @@ VARYING, SHARED, SEAM = 0, 1, 2  # kinds of shingle, where shared lines are know
 _WORDS = re.compile("[a-z0-9_\u0080-\U0010ffff]+")  # a word as _BYTE_CLASS splits them, on lowercased text
 
 
-def _fmix64(h: np.ndarray) -> np.ndarray:
+def fmix64(h: np.ndarray) -> np.ndarray:
     """MurmurHash3's 64-bit finaliser: spreads polynomial hashes over all bits."""
     h = h ^ (h >> _U64(33))
     h = h * _U64(0xFF51AFD7ED558CCD)
@@ -48,9 +48,9 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> _U64(33))
 
 
-def _odd_multipliers(k: int, salt: int) -> np.ndarray:
+def odd_multipliers(k: int, salt: int) -> np.ndarray:
     """k fixed, well-mixed odd 64-bit constants (odd: multiplying by one loses no bits)."""
-    return _fmix64((np.arange(1, k + 1, dtype=_U64) + _U64(salt)) * _U64(0x9E3779B97F4A7C15)) | _U64(1)
+    return fmix64((np.arange(1, k + 1, dtype=_U64) + _U64(salt)) * _U64(0x9E3779B97F4A7C15)) | _U64(1)
 
 
 def _fmix32(h: np.ndarray) -> np.ndarray:
@@ -160,7 +160,7 @@ def _shingles(texts: Sequence[str], shingle_size: int, shared: frozenset[bytes] 
     prefix = np.zeros(len(buf) + 1, dtype=_U64)
     np.multiply(buf, pw[: len(buf)], out=prefix[1:], dtype=_U64)
     np.cumsum(prefix, out=prefix)
-    words = _fmix64((prefix[w_end] - prefix[w_start]) * inv[w_start])
+    words = fmix64((prefix[w_end] - prefix[w_start]) * inv[w_start])
 
     # Word -> text, and each text's range of words.
     w_text = np.searchsorted(text_starts, w_start, side="right") - 1
@@ -170,7 +170,7 @@ def _shingles(texts: Sequence[str], shingle_size: int, shared: frozenset[bytes] 
     # Shingle at word p = sum_j words[p + j] * M_j over the words of p's text (missing ones count
     # as 0, which gives short texts their single shingle).
     k = shingle_size
-    mults = _odd_multipliers(k, 0)  # a different multiplier per position: "a b c" != "c b a"
+    mults = odd_multipliers(k, 0)  # a different multiplier per position: "a b c" != "c b a"
     end_of_text = first_word[1:][w_text]
     padded = np.concatenate([words, np.zeros(k, dtype=_U64)])
     pos = np.arange(len(words))
@@ -180,7 +180,7 @@ def _shingles(texts: Sequence[str], shingle_size: int, shared: frozenset[bytes] 
         part[pos + j >= end_of_text] = 0
         combined += part
     keep = (pos + k <= end_of_text) | ((pos == first_word[:-1][w_text]) & (n_words[w_text] < k))
-    hashes = _fmix64(combined[keep])
+    hashes = fmix64(combined[keep])
     counts = np.bincount(w_text[keep], minlength=n)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -197,7 +197,7 @@ def _shingles(texts: Sequence[str], shingle_size: int, shared: frozenset[bytes] 
         owner = w_text[numeric]
         group_start = np.searchsorted(owner, owner, side="left")
         rank = (np.arange(len(numeric)) - group_start + 1).astype(_U64)
-        np.add.at(number_keys, owner, _fmix64(words[numeric] ^ (rank * _U64(0x9E3779B97F4A7C15))))
+        np.add.at(number_keys, owner, fmix64(words[numeric] ^ (rank * _U64(0x9E3779B97F4A7C15))))
     in_shared = _in_shared_lines(buf, prefix, inv, shared, w_start) if shared else None
     if in_shared is None:
         return hashes, offsets, number_keys, None
@@ -217,7 +217,7 @@ def _in_shared_lines(buf: np.ndarray, prefix: np.ndarray, inv: np.ndarray, share
     when no line is one. Lines are matched by a 64-bit hash of their bytes, the words' rolling hash."""
     breaks = np.flatnonzero((buf == 0x0A) | (buf == 0))  # \n, and the \x00 around every text
     starts, ends = breaks[:-1] + 1, breaks[1:]
-    line_is_shared = np.isin(_fmix64((prefix[ends] - prefix[starts]) * inv[starts]), _line_hashes(shared))
+    line_is_shared = np.isin(fmix64((prefix[ends] - prefix[starts]) * inv[starts]), _line_hashes(shared))
     if not line_is_shared.any():
         return None
     return line_is_shared[np.maximum(np.searchsorted(starts, w_start, side="right") - 1, 0)]
@@ -238,7 +238,7 @@ def _line_hashes(lines: frozenset[bytes]) -> np.ndarray:
         starts = np.cumsum([0] + [len(x) + 1 for x in ordered[:-1]]) + 1
         ends = starts + np.array([len(x) for x in ordered], dtype=np.int64)
         _line_hash_cache.clear()  # one set per run
-        _line_hash_cache[lines] = np.sort(_fmix64((prefix[ends] - prefix[starts]) * inv[starts]))
+        _line_hash_cache[lines] = np.sort(fmix64((prefix[ends] - prefix[starts]) * inv[starts]))
     return _line_hash_cache[lines]
 
 
@@ -270,11 +270,12 @@ def minhash_signatures(texts: Sequence[str], num_perm: int = 128, shingle_size: 
         scheme="affine32", hashfunc=int)`` updated with text ``i``'s 64-bit shingle hashes folded to
         32 bits (``h ^ h >> 32``); rows of texts without words are all ``2**32 - 1``.
     """
-    return _minhash(texts, num_perm, shingle_size, seed)[:3]
+    return minhash_by_kind(texts, num_perm, shingle_size, seed)[:3]
 
 
-def _minhash(texts: Sequence[str], num_perm: int, shingle_size: int, seed: int, shared: frozenset[bytes] = frozenset()
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[tuple[np.ndarray, ...]]]:
+def minhash_by_kind(texts: Sequence[str], num_perm: int, shingle_size: int, seed: int,
+                    shared: frozenset[bytes] = frozenset()
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[tuple[np.ndarray, ...]]]:
     """:func:`minhash_signatures`, and the signatures of what varies when ``shared`` lines occur.
 
     The fourth value is None when no text holds a shared line; else ``(varying, unseamed, touches)``:

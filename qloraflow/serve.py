@@ -10,8 +10,13 @@ stops it. So the training environment needs no vLLM, only the ``openai`` client:
     cfg = ServeConfig(python="/opt/venv-serve/bin/python")
     with VllmServer("outputs/merged", cfg, "outputs/serve.log") as srv:
         report = smoke_test_server(srv.base_url, srv.model_name,
-                                   [{"messages": [{"role": "user", "content": "Hi"}], "prompt": "Hi"}])
+                                   [{"messages": [{"role": "user", "content": "Hi"}], "prompt": "Hi"}],
+                                   api_key=srv.api_key)
     assert report["passed"], report["checks"]
+
+The server is keyed: every request but ``GET /health`` needs ``Authorization: Bearer <srv.api_key>``
+(a new random key per server unless one is given; it reaches vLLM as ``VLLM_API_KEY`` in its
+environment, not in argv, and ``qloraflow.keyguard`` closes the paths vLLM's own check leaves open).
 
 Serving base + adapter without merging: ``VllmServer(base_dir, cfg, log, lora_modules={"sql": adapter_dir})``
 and ask for model ``"sql"``.
@@ -22,18 +27,23 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
+from qloraflow import keyguard
 from qloraflow.config import ServeConfig
 from qloraflow.errors import ServeError
+from qloraflow.paired import RecordMismatchError, match_ids
 
 LOG_TAIL_LINES = 40
 # vLLM only accepts these LoRA ranks; an adapter of rank r needs the next one up.
@@ -151,6 +161,7 @@ class VllmServer:
             callers can check that the group is gone.
         port: The port served (picked when ``cfg.port`` is 0).
         model_name: The name clients ask for (``--served-model-name``).
+        api_key: The bearer key every request but ``GET /health`` must send.
     """
 
     def __init__(
@@ -164,6 +175,7 @@ class VllmServer:
         enforce_eager: Optional[bool] = None,
         extra_args: Sequence[str] = (),
         stop_grace_s: Optional[float] = None,
+        api_key: Optional[str] = None,
     ):
         """Describe the server; nothing starts before ``start()`` or ``with``.
 
@@ -178,6 +190,8 @@ class VllmServer:
                 server is up about a minute sooner on the CPU and decodes slower. None: ``cfg``'s.
             extra_args: More vLLM arguments, appended as given.
             stop_grace_s: Seconds between SIGTERM and SIGKILL when stopping. None: ``cfg``'s.
+            api_key: Key clients must send. None: a new one for this server (``secrets.token_urlsafe``),
+                so a server is never up without one; pass it to ``smoke_test_server`` and clients.
         """
         self.model_dir = os.path.abspath(model_dir)
         self.cfg = cfg
@@ -187,6 +201,8 @@ class VllmServer:
         self.enforce_eager = cfg.enforce_eager if enforce_eager is None else enforce_eager
         self.extra_args = list(extra_args)
         self.stop_grace_s = cfg.stop_grace_s if stop_grace_s is None else stop_grace_s
+        self.api_key = api_key or secrets.token_urlsafe(32)
+        self._middleware_dir: Optional[str] = None
         self.port: Optional[int] = None
         self.pid: Optional[int] = None
         self._proc: Optional[subprocess.Popen] = None
@@ -220,6 +236,8 @@ class VllmServer:
             "--max-model-len", str(self.cfg.max_model_len),
             "--dtype", self.cfg.dtype,
             "--served-model-name", self.model_name,
+            # The key itself is in the environment (VLLM_API_KEY), not here: argv is public in `ps`.
+            "--middleware", keyguard.MIDDLEWARE,
         ]
         if self.enforce_eager:
             cmd.append("--enforce-eager")
@@ -238,6 +256,10 @@ class VllmServer:
         # Everything is local: never reach for the Hub, never phone home.
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                     "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
+        # vLLM checks the key on /v1 itself; the keyguard middleware (its only PYTHONPATH entry) on the rest.
+        env[keyguard.ENV_KEY] = self.api_key
+        if self._middleware_dir:
+            env["PYTHONPATH"] = self._middleware_dir
         return env
 
     def _check_inputs(self) -> None:
@@ -269,6 +291,7 @@ class VllmServer:
             raise ServeError(f"serve.port {self.port} on {self.cfg.host} is in use; "
                              "stop what listens there or set serve.port: 0 to pick a free port")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._middleware_dir = str(keyguard.write_module(tempfile.mkdtemp(prefix="qloraflow-keyguard-")))
         self._log_file = open(self.log_path, "wb")
         self._proc = subprocess.Popen(
             self.command(), stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -328,6 +351,7 @@ class VllmServer:
         except subprocess.TimeoutExpired:
             pass
         self._log_file.close()
+        shutil.rmtree(self._middleware_dir, ignore_errors=True)
         self._proc = None
         atexit.unregister(self.stop)
         left = process_group_members(pgid)
@@ -381,8 +405,9 @@ def smoke_test_server(
     *,
     max_tokens: int = 32,
     timeout_s: float = 60.0,
+    api_key: Optional[str] = None,
 ) -> dict:
-    """Chat, completion and streaming requests against an OpenAI-compatible server, all greedy.
+    """Chat, completion and streaming requests against an OpenAI-compatible server, all greedy; unkeyed ones refused.
 
     Chat requests send messages only: the server renders them with the model's own chat template
     (the training template saved with the tokenizer), which is the point of the check.
@@ -390,18 +415,20 @@ def smoke_test_server(
     Args:
         base_url: ``http://host:port/v1``.
         model_name: The served model (or LoRA module) name.
-        prompts: Dicts with ``messages`` (a chat) and/or ``prompt`` (raw text). Every chat is sent
-            to /v1/chat/completions, every raw prompt to /v1/completions, and the first chat
-            again as a streaming request.
+        prompts: Dicts with ``messages`` (a chat) and/or ``prompt`` (raw text), and an optional
+            ``id`` (the test record's). Every chat is sent to /v1/chat/completions, every raw prompt
+            to /v1/completions, and the first chat again as a streaming request.
         max_tokens: Generation limit per request.
         timeout_s: Bound on each request (the streaming one included, end to end).
+        api_key: The server's key (``VllmServer.api_key``). None: ``$VLLM_API_KEY``, as in a pod.
 
     Returns:
-        ``{"passed": bool, "checks": {"chat"|"completion"|"stream": {"passed", "error"}},
-        "chat_answers": [...], "completion_answers": [...], "stream_answer": str,
+        ``{"passed": bool, "checks": {"chat"|"completion"|"stream"|"auth": {"passed", "error"}},
+        "chat_answers": [...], "chat_answers_by_id": {id: answer}, "completion_answers": [...], "stream_answer": str,
         "latency": {"chat_s": [...], "completion_s": [...], "ttft_s", "stream_s",
         "stream_output_tokens", "output_tokens_per_s"}}``. A check passes when every answer is
-        non-empty after ``strip()``. ``output_tokens_per_s`` is the decode rate after the first
+        non-empty after ``strip()``; ``auth`` passes when requests without the key get 401 (see
+        :func:`check_key_required`). ``output_tokens_per_s`` is the decode rate after the first
         token: (tokens - 1) / (last token time - first token time).
 
     Raises:
@@ -410,7 +437,8 @@ def smoke_test_server(
     chats, raws = _check_prompts(prompts)
     from openai import OpenAI  # the client only: importable in the training environment
 
-    client = OpenAI(base_url=base_url, api_key="EMPTY", timeout=timeout_s, max_retries=0)
+    key = api_key or os.environ.get(keyguard.ENV_KEY) or "EMPTY"
+    client = OpenAI(base_url=base_url, api_key=key, timeout=timeout_s, max_retries=0)
     checks: dict[str, dict] = {}
     latency: dict[str, Any] = {"chat_s": [], "completion_s": []}
 
@@ -442,16 +470,49 @@ def smoke_test_server(
         return text
 
     chat_answers = _run_check("chat", checks, chat) or []
+    # Each chat answer under its prompt's record id (the prompt's position when it has none).
+    chat_ids = [str(p.get("id") or k) for k, p in enumerate(prompts) if "messages" in p]
     completion_answers = _run_check("completion", checks, completion) or []
     stream_answer = _run_check("stream", checks, stream) or ""
+    _run_check("auth", checks, lambda: check_key_required(base_url, model_name, chats[0], timeout_s))
     return {
         "passed": all(c["passed"] for c in checks.values()),
         "checks": checks,
         "chat_answers": chat_answers,
+        "chat_answers_by_id": dict(zip(chat_ids, chat_answers)),
         "completion_answers": completion_answers,
         "stream_answer": stream_answer,
         "latency": latency,
     }
+
+
+def unkeyed_status(url: str, body: Optional[dict] = None, timeout_s: float = 10.0) -> int:
+    """HTTP status of one request that sends no key (GET, or POST of ``body`` as JSON)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def check_key_required(base_url: str, model_name: str, messages: list[dict], timeout_s: float = 10.0) -> None:
+    """A chat without the key is refused (401) on ``/v1`` and on vLLM's other generation route.
+
+    ``/invocations`` reaches the same chat handler outside ``/v1``, where vLLM's own key check
+    does not look (``qloraflow.keyguard``).
+
+    Raises:
+        ServeError: naming each path that did not answer 401.
+    """
+    root = base_url.rstrip("/").removesuffix("/v1")
+    chat = {"model": model_name, "messages": messages, "max_tokens": 1}
+    got = {path: unkeyed_status(f"{root}{path}", chat, timeout_s) for path in ("/v1/chat/completions", "/invocations")}
+    open_paths = {path: code for path, code in got.items() if code != 401}
+    if open_paths:
+        raise ServeError(f"requests without the API key were not refused (401): {open_paths}; start vLLM "
+                         f"with {keyguard.ENV_KEY} set and --middleware {keyguard.MIDDLEWARE}")
 
 
 def _require_non_empty(check: str, answers: list[str]) -> None:
@@ -497,31 +558,32 @@ def _stream_chat(client: Any, model_name: str, messages: list[dict], max_tokens:
     }
 
 
-def compare_with_hf(answers_vllm: list[str], answers_hf: list[str]) -> dict:
-    """Share of identical greedy answers (after ``strip()``) between vLLM and HF ``generate``.
+def compare_with_hf(answers_vllm: Mapping[str, str], answers_hf: Mapping[str, str]) -> dict:
+    """Share of identical greedy answers (after ``strip()``) between vLLM and HF ``generate``, by record id.
 
     Trailing U+FFFD characters are dropped too: when ``max_tokens`` cuts an answer inside a
     multi-byte character, vLLM's incremental detokenizer withholds the incomplete bytes while HF
     ``decode`` renders each as U+FFFD. Same tokens, different rendering; not a disagreement.
 
     Args:
-        answers_vllm: Answers from the server, in prompt order.
-        answers_hf: Answers from HF ``generate`` on the same prompts, same order.
+        answers_vllm: Answers from the server, ``{record id: answer}``.
+        answers_hf: Answers from HF ``generate`` to the same records, ``{record id: answer}`` (any order).
 
     Returns:
-        ``{"n": int, "identical": int, "share": float, "mismatches": [{"index", "vllm", "hf"}]}``.
+        ``{"n": int, "identical": int, "share": float, "mismatches": [{"id", "vllm", "hf"}]}``.
 
     Raises:
-        ServeError: the two lists differ in length or are empty.
+        ServeError: a record id is answered on one side only (named), or there is no answer.
     """
-    if len(answers_vllm) != len(answers_hf) or not answers_vllm:
-        raise ServeError(f"compare_with_hf needs two equally long, non-empty answer lists; got "
-                         f"{len(answers_vllm)} from vLLM and {len(answers_hf)} from HF")
+    try:
+        ids = match_ids(answers_vllm, answers_hf, "the vLLM answers", "the HF answers")
+    except RecordMismatchError as e:
+        raise ServeError(f"compare_with_hf: {e}") from e
+
     def norm(answer: str) -> str:
         return answer.strip().rstrip("\ufffd").rstrip()
 
-    mismatches = [{"index": i, "vllm": v, "hf": h}
-                  for i, (v, h) in enumerate(zip(answers_vllm, answers_hf)) if norm(v) != norm(h)]
-    identical = len(answers_vllm) - len(mismatches)
-    return {"n": len(answers_vllm), "identical": identical,
-            "share": identical / len(answers_vllm), "mismatches": mismatches}
+    mismatches = [{"id": i, "vllm": answers_vllm[i], "hf": answers_hf[i]}
+                  for i in ids if norm(answers_vllm[i]) != norm(answers_hf[i])]
+    identical = len(ids) - len(mismatches)
+    return {"n": len(ids), "identical": identical, "share": identical / len(ids), "mismatches": mismatches}

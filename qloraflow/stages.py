@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, Optional
 
 from qloraflow.config import (DataConfig, EvalConfig, FinetuneConfig, LoraSettings, MergeConfig, ModelConfig,
                               ServeConfig, TokenizeConfig, TrainConfig)
+from qloraflow.paired import by_id
 
 
 @dataclass
@@ -33,11 +34,16 @@ class RunContext:
     pipeline_run_id: str
     """The pipeline's MLflow run; each stage's run is nested under it."""
     name: str
-    """The config's name: stage runs are called ``<name>-<stage>``."""
+    """The config's name (MLflow datasets are named ``<name>-<split>``)."""
     experiment: str
     """MLflow experiment."""
     tracking_uri: Optional[str] = None
     """MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+    run_name: str = ""
+    """The pipeline run's name, one per execution (``<name>-<yyyymmdd-hhmmss>``); stage runs are called
+    ``<run_name>-<stage>``."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Tags every run of the execution carries: MLflow's source, user and git columns."""
 
 
 @dataclass
@@ -54,6 +60,8 @@ class ExecutionSettings:
     """tokenize.num_shards: shards of the tokenize stage's map task."""
     train_distributed: str = "ddp"
     """train.distributed: how several GPUs share the training (ddp or fsdp)."""
+    train_preemption_grace_s: float = 30.0
+    """train.preemption_grace_s: seconds between SIGTERM and SIGKILL that the preemption checkpoint fits in."""
 
     @classmethod
     def of(cls, cfg: FinetuneConfig) -> "ExecutionSettings":
@@ -164,6 +172,8 @@ class RegisterSettings:
     """Digest of :class:`DataSettings`: which data the model was trained and tested on."""
     train_digest: str
     eval_digest: str
+    dataset_hash: str = ""
+    """Content digest of the input data files: the ``dataset.hash`` tag of the pipeline run and the version."""
 
 
 @dataclass
@@ -175,6 +185,8 @@ class DataResult:
     rejected: int
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     mlflow_run_id: str = ""
+    report_html: str = ""
+    """This stage's report page (its Deck tabs), which the register task keeps under ``outputs/<name>/``."""
 
 
 @dataclass
@@ -185,6 +197,8 @@ class TokenizeResult:
     trained_tokens: dict[str, int]
     packing_efficiency: dict[str, float]
     mlflow_run_id: str = ""
+    report_html: str = ""
+    """This stage's report page (its Deck tabs), which the register task keeps under ``outputs/<name>/``."""
 
 
 @dataclass
@@ -204,14 +218,16 @@ class TrainResult:
     adapter_sha256_by_rank: list[str]
     resumed_from: Optional[str] = None
     mlflow_run_id: str = ""
+    report_html: str = ""
+    """This stage's report page (its Deck tabs), which the register task keeps under ``outputs/<name>/``."""
 
     @classmethod
-    def of(cls, summary: dict[str, Any], mlflow_run_id: str = "") -> "TrainResult":
+    def of(cls, summary: dict[str, Any], mlflow_run_id: str = "", report_html: str = "") -> "TrainResult":
         """The fields of ``train_adapter``'s summary."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"mlflow_run_id"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"mlflow_run_id", "report_html"}
         values = {k: summary.get(k) for k in names}
         values.update(tokens_seen=int(values["tokens_seen"] or 0), trainable_params=int(values["trainable_params"]))
-        return cls(**values, mlflow_run_id=mlflow_run_id)
+        return cls(**values, mlflow_run_id=mlflow_run_id, report_html=report_html)
 
 
 @dataclass
@@ -227,12 +243,20 @@ class Sample:
     """The record's id from ingest (``qloraflow.data.record_id``): samples of one record share it."""
     meta: dict[str, str] = field(default_factory=dict)
     """The record's extra input fields (e.g. ``db_id``), as text."""
+    scores: dict[str, float] = field(default_factory=dict)
+    """The answer's score on each task metric (0/1 for exact match and execution accuracy)."""
 
     @classmethod
     def of(cls, sample: dict[str, Any]) -> "Sample":
         return cls(messages=[{k: str(v) for k, v in m.items()} for m in sample["messages"]], prompt=sample["prompt"],
                    reference=sample["reference"], answer=sample["answer"], ended_with_eos=bool(sample["ended_with_eos"]),
-                   id=str(sample.get("id", "")), meta={k: str(v) for k, v in (sample.get("meta") or {}).items()})
+                   id=str(sample.get("id", "")), meta={k: str(v) for k, v in (sample.get("meta") or {}).items()},
+                   scores={k: float(v) for k, v in (sample.get("scores") or {}).items()})
+
+    @classmethod
+    def keyed(cls, samples: list[dict[str, Any]]) -> dict[str, "Sample"]:
+        """``{record id: Sample}`` of an evaluation's samples (in their order); an id missing or twice is an error."""
+        return {rid: cls.of(dict(s)) for rid, s in by_id(samples, "samples").items()}
 
 
 @dataclass
@@ -240,8 +264,11 @@ class EvalResult:
     """Metrics of ``base`` and ``candidate`` (base + adapter) and their answers."""
 
     metrics: dict[str, dict[str, float]]
-    samples: dict[str, list[Sample]]
+    samples: dict[str, dict[str, Sample]]
+    """Per model, its answers by record id."""
     mlflow_run_id: str = ""
+    report_html: str = ""
+    """This stage's report page (its Deck tabs), which the register task keeps under ``outputs/<name>/``."""
 
 
 @dataclass
@@ -265,8 +292,11 @@ class MergeResult:
     check: MergeCheck
     metrics: dict[str, float]
     metric_drop: float
-    samples: list[Sample]
+    samples: dict[str, Sample]
+    """The merged model's answers by record id."""
     mlflow_run_id: str = ""
+    report_html: str = ""
+    """This stage's report page (its Deck tabs), which the register task keeps under ``outputs/<name>/``."""
 
 
 @dataclass
@@ -277,12 +307,15 @@ class DeployResult:
     skipped: Optional[str] = None
     hf_agreement: Optional[float] = None
     """Share of the server's greedy answers identical to Hugging Face generate's."""
-    chat_answers: list[str] = field(default_factory=list)
+    chat_answers: dict[str, str] = field(default_factory=dict)
+    """The server's chat answers by record id."""
     latency: dict[str, float] = field(default_factory=dict)
     """The scalar latency figures (time to first token, tokens per second, ...)."""
     port: Optional[int] = None
     pid: Optional[int] = None
     mlflow_run_id: str = ""
+    report_html: str = ""
+    """This stage's report page (its Deck tabs), which the register task keeps under ``outputs/<name>/``."""
 
 
 class StageSettings(NamedTuple):
@@ -325,5 +358,5 @@ def stage_settings(cfg: FinetuneConfig, fingerprints: dict[str, str]) -> StageSe
         deploy=DeploySettings(serve=cfg.serve, served_model_name=cfg.registry.model_name,
                               max_new_tokens=cfg.eval.max_new_tokens),
         register=RegisterSettings(config=cfg, data_digest=digest(data), train_digest=digest(train),
-                                  eval_digest=digest(evaluate)),
+                                  eval_digest=digest(evaluate), dataset_hash=fingerprints["data"]),
         execution=ExecutionSettings.of(cfg))

@@ -1,8 +1,10 @@
 """Tokenize: render chat records with a template, mask labels, pack, save an Arrow dataset.
 
 Reads the Parquet splits written by ``qloraflow.data.prepare_dataset`` and writes, per split, a
-``datasets`` folder whose rows hold ``input_ids``, ``labels`` (-100 where no loss is taken) and
-``position_ids`` (restarting at 0 for every example, so packed examples never attend to each other).
+``datasets`` folder whose rows hold ``input_ids``, ``labels`` (-100 where no loss is taken),
+``position_ids`` (restarting at 0 for every example, so packed examples never attend to each other)
+and ``id``: the record id from ingest (``qloraflow.data.record_id``), so that a row of the test split
+(never packed) is traced to its record; a packed row's ``id`` holds its examples' ids, space-separated.
 
     from qloraflow.tokenize import tokenize_dataset
     report = tokenize_dataset(cfg.tokenize, data_dir="out/data", tokenizer_dir="base-model", out_dir="out/tok")
@@ -15,6 +17,16 @@ model learns to produce are the tokens it will be asked to produce. A template t
 turns differently once later turns are added (Qwen3 drops earlier turns' reasoning) gets one example
 per assistant turn instead; ``qloraflow.templates`` says which and why, and the report records it
 (``masking``, and ``per_turn_records`` per split).
+
+The stage runs over shards as the data stage does, one shard being the one-process run:
+``qloraflow.shard.plan_tokenize_shards`` cuts the splits' rows, each shard is encoded anywhere
+(:func:`encode_shard`; in a map task's pod :func:`tokenize_shard`), and :func:`save_splits` applies
+the length policy and packs each split in data order (after a map task: :func:`merge_tokenize_shards`)::
+
+    from qloraflow.shard import plan_tokenize_shards
+    parts = [tokenize_shard(cfg.tokenize, s, "out/data", "base-model", f"tok-parts/{k}")
+             for k, s in enumerate(plan_tokenize_shards("out/data", num_shards=8))]
+    report = merge_tokenize_shards(cfg.tokenize, parts, "out/data", "base-model", "out/tok")  # as tokenize_dataset
 """
 
 from __future__ import annotations
@@ -22,12 +34,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from qloraflow.config import TokenizeConfig
 from qloraflow.errors import TemplateError
+from qloraflow.shard import plan_tokenize_shards
+from qloraflow.splits import SPLITS
 from qloraflow.templates import conversation_examples, describe_masking
 
 IGNORE_INDEX = -100
@@ -35,7 +50,8 @@ IGNORE_INDEX = -100
 # turn): ignored like IGNORE_INDEX, and where save_split cuts the row into its examples. A row goes from
 # encoding to save_split as one row per record (the sharded stage keeps that order and count).
 EXAMPLE_START = -101
-SPLITS = ("train", "validation", "test")
+SHARD_FILE = "shard.json"  # a tokenize shard's folder: the plan's pieces it covers, written last
+ENCODED_FILE = "encoded.parquet"  # and its encoded rows
 
 # Named templates for base models that have none. Each renders an assistant turn as
 # generation-prompt + content + end-of-turn, which is what label masking relies on.
@@ -118,7 +134,7 @@ def record_examples(tokenizer: Any, template: str, record: dict,
 
 
 def encode_records(records: list[dict], tokenizer: Any, template: str, train_on: str) -> list[dict]:
-    """Tokenize records into ``input_ids``/``labels``, one row per record. All slices go to the tokenizer in one call.
+    """Tokenize records into ``input_ids``/``labels``/``id``, one row per record. All slices go to the tokenizer in one call.
 
     A record cut into several examples keeps them back to back in its row, each starting with the
     label :data:`EXAMPLE_START`; :func:`save_split` makes them rows of their own.
@@ -128,7 +144,7 @@ def encode_records(records: list[dict], tokenizer: Any, template: str, train_on:
     ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     eos = tokenizer.eos_token_id
     out, k = [], 0
-    for examples in per_record:
+    for record, examples in zip(records, per_record):
         row_ids: list[int] = []
         row_labels: list[int] = []
         for segs in examples:
@@ -148,7 +164,7 @@ def encode_records(records: list[dict], tokenizer: Any, template: str, train_on:
                 labels[0] = IGNORE_INDEX if len(examples) == 1 else EXAMPLE_START
             row_ids += input_ids
             row_labels += labels
-        out.append({"input_ids": row_ids, "labels": row_labels})
+        out.append({"input_ids": row_ids, "labels": row_labels, "id": str(record.get("id") or "")})
     return out
 
 
@@ -167,7 +183,8 @@ def unpack_examples(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
             continue
         starts = [i for i, l in enumerate(labels) if l == EXAMPLE_START] + [len(labels)]
         for a, b in zip(starts, starts[1:]):
-            out.append({"input_ids": row["input_ids"][a:b], "labels": [IGNORE_INDEX] + labels[a + 1:b]})
+            out.append({"input_ids": row["input_ids"][a:b], "labels": [IGNORE_INDEX] + labels[a + 1:b],
+                        "id": row.get("id", "")})
         counts["per_turn_records"] += 1
         counts["per_turn_examples"] += len(starts) - 1
     return out, counts
@@ -181,7 +198,7 @@ def apply_length_policy(rows: list[dict], sequence_len: int, overlong: str) -> t
             if overlong == "drop":
                 counts["dropped_overlong"] += 1
                 continue
-            row = {"input_ids": row["input_ids"][:sequence_len], "labels": row["labels"][:sequence_len]}
+            row = {**row, "input_ids": row["input_ids"][:sequence_len], "labels": row["labels"][:sequence_len]}
             counts["truncated"] += 1
         if all(l == IGNORE_INDEX for l in row["labels"]):
             counts["dropped_all_masked"] += 1
@@ -217,6 +234,7 @@ def pack_rows(rows: list[dict], sequence_len: int) -> list[dict]:
             "input_ids": [t for i in members for t in rows[i]["input_ids"]],
             "labels": [t for i in members for t in rows[i]["labels"]],
             "position_ids": [p for i in members for p in range(len(rows[i]["input_ids"]))],
+            "id": " ".join(rows[i].get("id", "") for i in members),
         })
     return packed
 
@@ -252,6 +270,10 @@ def tokenize_dataset(cfg: TokenizeConfig, data_dir: str | os.PathLike, tokenizer
                      out_dir: str | os.PathLike) -> dict:
     """Tokenize every split of a prepared dataset and save it as Arrow.
 
+    The one-process run of the stage: the splits' rows as one shard (:func:`encode_shard`), then the
+    length policy, packing and saving (:func:`save_splits`), as :func:`merge_tokenize_shards` does
+    for many shards.
+
     Args:
         cfg: ``TokenizeConfig``.
         data_dir: folder with ``{train,validation,test}.parquet`` from the data stage.
@@ -261,19 +283,10 @@ def tokenize_dataset(cfg: TokenizeConfig, data_dir: str | os.PathLike, tokenizer
     Returns:
         The report: token counts, truncation and drop counts and packing efficiency per split.
     """
-    import datasets
-
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    job, report = save_tokenizer(cfg, tokenizer_dir, out_dir)
-    for split in SPLITS:
-        path = data_dir / f"{split}.parquet"
-        if not path.exists():
-            continue
-        records = datasets.Dataset.from_parquet(str(path)).to_list()
-        rows = encode_parallel(job, records, cfg.num_proc)
-        report["splits"][split] = save_split(cfg, split, len(records), rows, out_dir)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
-    return report
+    out = Path(out_dir)
+    job, report = save_tokenizer(cfg, tokenizer_dir, out)
+    shards = [encode_shard(cfg, job, shard, data_dir) for shard in plan_tokenize_shards(data_dir, num_shards=1)]
+    return save_splits(cfg, report, shards, data_dir, out)
 
 
 def save_tokenizer(cfg: TokenizeConfig, tokenizer_dir: str | os.PathLike, out_dir: Path) -> tuple[EncodeJob, dict]:
@@ -313,6 +326,7 @@ def save_split(cfg: TokenizeConfig, split: str, n_records: int, rows: list[dict]
 
     rows, per_turn = unpack_examples(rows)
     rows, counts = apply_length_policy(rows, cfg.sequence_len, cfg.overlong)
+    lengths = length_summary([len(r["input_ids"]) for r in rows], cfg.sequence_len)  # before packing
     n_real = sum(len(r["input_ids"]) for r in rows)
     n_trained = sum(sum(1 for l in r["labels"] if l != IGNORE_INDEX) for r in rows)
     if cfg.packing and split != "test":
@@ -325,10 +339,27 @@ def save_split(cfg: TokenizeConfig, split: str, n_records: int, rows: list[dict]
     for r in rows:
         r["length"] = len(r["input_ids"])
     ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
-        {"input_ids": [], "labels": [], "position_ids": [], "length": []})
+        {"input_ids": [], "labels": [], "position_ids": [], "length": [], "id": []})
     _save_atomic(ds, out_dir / split)
     return {"examples": n_records, **per_turn, "rows": len(rows), "tokens": n_real, "trained_tokens": n_trained,
-            **counts, "packing_efficiency": round(n_real / slots, 4) if slots else 0.0}
+            **counts, "packing_efficiency": round(n_real / slots, 4) if slots else 0.0, **lengths}
+
+
+def length_summary(lengths: list[int], sequence_len: int, bins: int = 16) -> dict[str, Any]:
+    """Example lengths in tokens after the length policy: percentiles and a histogram over [0, sequence_len].
+
+    Returns:
+        ``length_p50``, ``length_p95``, ``length_max`` and ``length_histogram`` (``edges``: bins + 1
+        bin edges, ``counts``: examples per bin).
+    """
+    ordered = sorted(lengths)
+    width = max(1, -(-sequence_len // bins))  # ceil: the last bin ends at sequence_len or just above
+    counts = [0] * bins
+    for n in ordered:
+        counts[min(n // width, bins - 1)] += 1
+    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0  # noqa: E731
+    return {"length_p50": at(0.5), "length_p95": at(0.95), "length_max": ordered[-1] if ordered else 0,
+            "length_histogram": {"edges": [i * width for i in range(bins + 1)], "counts": counts}}
 
 
 def encode_parallel(job: EncodeJob, records: list[dict], num_proc: int) -> list[dict]:
@@ -341,6 +372,117 @@ def encode_parallel(job: EncodeJob, records: list[dict], num_proc: int) -> list[
     shards = [records[i:i + size] for i in range(0, len(records), size)]
     with ProcessPoolExecutor(num_proc) as pool:
         return [row for part in pool.map(_encode_shard, [job] * len(shards), shards) for row in part]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards: encode anywhere, then the length policy and packing per split, in data order
+
+
+@dataclass
+class EncodedShard:
+    """One shard's rows encoded (``input_ids``, ``labels``; no length policy yet), one row per record.
+
+    Attributes:
+        pieces: The plan's entries it covers, ``{"split", "start", "stop"}`` (rows of that split).
+        rows: The encoded rows of every piece, one after the other.
+    """
+
+    pieces: list[dict[str, Any]]
+    rows: list[dict]
+
+
+def encode_shard(cfg: TokenizeConfig, job: EncodeJob, shard: str, data_dir: str | os.PathLike) -> EncodedShard:
+    """Encode the records of one shard of ``qloraflow.shard.plan_tokenize_shards`` with the job's tokenizer."""
+    import pyarrow.parquet as pq
+
+    pieces, rows = json.loads(shard), []
+    for p in pieces:
+        table = pq.read_table(Path(data_dir) / f"{p['split']}.parquet")
+        rows += encode_parallel(job, table.slice(p["start"], p["stop"] - p["start"]).to_pylist(), cfg.num_proc)
+    return EncodedShard(pieces, rows)
+
+
+def save_splits(cfg: TokenizeConfig, report: dict, shards: Sequence[EncodedShard], data_dir: str | os.PathLike,
+                out_dir: Path) -> dict:
+    """Every split saved from the rows of the shards of one plan (:func:`save_split`), and the report.
+
+    Args:
+        cfg: ``TokenizeConfig`` the shards were encoded with.
+        report: The head of the report, from :func:`save_tokenizer`.
+        shards: The shards of one plan, in plan order.
+        data_dir: The data stage's output folder the plan was made from.
+        out_dir: As for :func:`tokenize_dataset`.
+
+    Returns:
+        The report (also written to ``report.json``).
+
+    Raises:
+        ValueError: The shards do not cover every split's rows once, in order.
+    """
+    import pyarrow.parquet as pq
+
+    rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for k, shard in enumerate(shards):
+        at = 0
+        for p in shard.pieces:
+            if p["start"] != len(rows[p["split"]]):
+                raise ValueError(f"shard {k}: rows {p['start']}-{p['stop']} of {p['split']} come after row "
+                                 f"{len(rows[p['split']])}; pass every shard of one plan, in order")
+            rows[p["split"]] += shard.rows[at: at + p["stop"] - p["start"]]
+            at += p["stop"] - p["start"]
+    for split in SPLITS:
+        path = Path(data_dir) / f"{split}.parquet"
+        if not path.exists():
+            continue
+        n = pq.ParquetFile(path).metadata.num_rows
+        if len(rows[split]) != n:
+            raise ValueError(f"the shards hold {len(rows[split])} of the {n} {split} rows in {path}; "
+                             "pass every shard of one plan")
+        report["splits"][split] = save_split(cfg, split, n, rows[split], out_dir)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def tokenize_shard(cfg: TokenizeConfig, shard: str, data_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
+                   out_dir: str | os.PathLike) -> Path:
+    """:func:`encode_shard` with the tokenizer as :func:`save_tokenizer` saves it, saved in ``out_dir``.
+
+    A map task's step: ``out_dir`` (created if missing) goes to :func:`merge_tokenize_shards`.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:  # encode with the saved tokenizer, as tokenize_dataset does
+        job, _ = save_tokenizer(cfg, tokenizer_dir, Path(tmp))
+        encoded = encode_shard(cfg, job, shard, data_dir)
+    ids = pa.list_(pa.int64())
+    # Whatever columns encoding gives; an empty shard has none to infer a schema from.
+    table = (pa.Table.from_pylist(encoded.rows) if encoded.rows
+             else pa.Table.from_pylist([], schema=pa.schema([("input_ids", ids), ("labels", ids), ("id", pa.string())])))
+    pq.write_table(table, out / ENCODED_FILE)
+    (out / SHARD_FILE).write_text(json.dumps({"pieces": encoded.pieces}))
+    return out
+
+
+def merge_tokenize_shards(cfg: TokenizeConfig, parts: Sequence[str | os.PathLike], data_dir: str | os.PathLike,
+                          tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+    """The folders :func:`tokenize_shard` wrote (in plan order) saved as :func:`tokenize_dataset` saves its rows.
+
+    Returns:
+        The report, as :func:`tokenize_dataset` returns it.
+
+    Raises:
+        ValueError: The shards do not cover every split's rows once, in order.
+    """
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    _, report = save_tokenizer(cfg, tokenizer_dir, out)
+    shards = [EncodedShard(json.loads((Path(part) / SHARD_FILE).read_text())["pieces"],
+                           pq.read_table(Path(part) / ENCODED_FILE).to_pylist()) for part in parts]
+    return save_splits(cfg, report, shards, data_dir, out)
 
 
 def _save_atomic(ds: Any, final: Path) -> None:

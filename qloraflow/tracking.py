@@ -23,6 +23,10 @@ from typing import Any, Optional, Protocol
 from qloraflow.errors import TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# The MLflow 3 UI opens an experiment without this tag on its GenAI pages (traces, prompts); with it, on
+# the runs, metrics and models of model training. The values are the UI's (``ExperimentKind``).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 class Tracker(Protocol):
@@ -113,6 +117,8 @@ class MlflowTracker:
         if run_id is None:
             exp = self.client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else _create_experiment(self.client, experiment)
+            if exp is not None and EXPERIMENT_KIND_TAG not in (exp.tags or {}):  # made by an older version
+                self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             all_tags = {k: str(v) for k, v in (tags or {}).items()}
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
@@ -167,6 +173,13 @@ class MlflowTracker:
         self._call("dict", self.client.log_dict, self.run_id, data, artifact_file,
                    payload={"artifact_file": artifact_file})
 
+    def log_inputs(self, datasets: list[Any]) -> None:
+        """MLflow dataset inputs (``mlflow.entities.DatasetInput``, see ``qloraflow.lineage``) of this run."""
+        if not datasets:
+            return
+        self._call("inputs", self.client.log_inputs, self.run_id, datasets=datasets,
+                   payload=[{"name": d.dataset.name, "digest": d.dataset.digest} for d in datasets])
+
     def log_table(self, data: dict[str, list], artifact_file: str) -> None:
         self._call("table", self.client.log_table, self.run_id, data=data, artifact_file=artifact_file,
                    payload={"artifact_file": artifact_file})
@@ -201,6 +214,6 @@ class MlflowTracker:
 
 def _create_experiment(client: Any, name: str) -> str:
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # noqa: BLE001 - another pipeline created it a moment ago
         return client.get_experiment_by_name(name).experiment_id

@@ -23,6 +23,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,9 @@ import torch
 from qloraflow import checkpoint as ckpt
 from qloraflow.attention import attention_implementation, boundaries
 from qloraflow.config import FinetuneConfig
+from qloraflow.errors import ConfigError, PreemptedError
+from qloraflow.files import raise_if_out_of_space
+from qloraflow.preemption import PreemptionGuard
 from qloraflow.precision import compute_dtype, quantization_config, release_memory
 from qloraflow.tokenize import IGNORE_INDEX
 from qloraflow.tracking import NullTracker, Tracker
@@ -305,12 +310,19 @@ def with_atomic_checkpoints(trainer_cls: type) -> type:
             self._staging = str(staging)
             try:
                 super()._save_checkpoint(model, trial)
+                self.accelerator.wait_for_everyone()  # FSDP: every rank has written its shards
+                if self.args.should_save:
+                    ckpt.write_manifest(staging / name, {"global_step": self.state.global_step,
+                                                         **self.checkpoint_meta})
+            except Exception as e:  # noqa: BLE001 - a full disk gets its own error, anything else is raised
+                written = sum(p.stat().st_size for p in (staging / name).rglob("*") if p.is_file())
+                shutil.rmtree(staging, ignore_errors=True)  # give the room back; the last checkpoint stays
+                raise_if_out_of_space(e, root / name, ckpt.newest_size(root), written)
+                raise
             finally:
                 self._staging = None
-            self.accelerator.wait_for_everyone()  # FSDP: every rank has written its shards
             if not self.args.should_save:
                 return
-            ckpt.write_manifest(staging / name, {"global_step": self.state.global_step, **self.checkpoint_meta})
             ckpt.publish(staging / name, root / name)
             best = self.state.best_model_checkpoint
             if best and Path(best).parent == staging:
@@ -365,8 +377,18 @@ def build_trainer(cfg: FinetuneConfig, model: Any, tokenizer: Any, train_ds: Any
 
 # ----------------------------------------------------------------------------------------------- run
 
+# The run's summary in MLflow: one value each, under names no per-step series uses (``train_adapter``'s
+# summary key -> MLflow metric). The per-step series keep the Trainer's names: loss, eval_loss,
+# learning_rate, grad_norm, epoch, num_input_tokens_seen, plus tokens_per_s and the memory peaks.
+SUMMARY_METRICS = {"train_loss_first": "train_loss_first", "train_loss_last": "train_loss_final",
+                   "best_eval_loss": "eval_loss_best", "train_seconds": "train_seconds",
+                   "tokens_per_s": "train_tokens_per_s", "global_step": "train_steps"}
+# Per-step keys the Trainer adds beside the loss that would make a second throughput series.
+SECOND_THROUGHPUT = ("train_runtime", "train_tokens_per_second")
+
+
 def _progress_callback(tracker: Tracker, output_dir: Path, on_checkpoint: Optional[Callable[[Path], None]]) -> Any:
-    """Metrics to the tracker (loss, lr, grad norm, tokens/s, memory); ``on_checkpoint`` after each save."""
+    """Per-step series to the tracker (loss, lr, grad norm, tokens/s, memory); ``on_checkpoint`` after each save."""
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -375,11 +397,16 @@ def _progress_callback(tracker: Tracker, output_dir: Path, on_checkpoint: Option
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             logs = dict(logs or {})
+            if "train_loss" in logs:  # the Trainer's closing summary: train_adapter logs SUMMARY_METRICS instead
+                return
+            for k in SECOND_THROUGHPUT:  # the time since training started: tokens_per_s is the rate per step
+                logs.pop(k, None)
             now, seen = time.time(), state.num_input_tokens_seen
             if seen and now > self.t0 and seen > self.tokens0:
                 logs["tokens_per_s"] = (seen - self.tokens0) / (now - self.t0)
             self.t0, self.tokens0 = now, seen
-            logs.update(memory_metrics())
+            if "loss" in logs:  # a training step's log (evaluation logs carry eval_* only)
+                logs.update(memory_metrics())
             tracker.log_metrics({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=state.global_step)
 
         def on_save(self, args, state, control, **kw):  # noqa: ANN001
@@ -457,6 +484,10 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
 
     Returns:
         Summary: steps, first and last train loss, best eval loss, trainable parameters, tokens/s.
+
+    Raises:
+        PreemptedError: SIGTERM came while training; the step in progress was finished and saved as a
+            complete checkpoint first (see ``qloraflow.preemption``), which a rerun resumes from.
     """
     backend = resolve_backend(cfg.train.backend)
     if backend == "unsloth":
@@ -481,13 +512,14 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
     with procs.main_process_first():  # rank 0 sets unfinished checkpoints aside before the others look
         ckpt.discard_staging(output_dir / "checkpoints")
         resume_from = ckpt.latest_complete(output_dir / "checkpoints")
+    guard = PreemptionGuard(cfg.train.preemption_grace_s)  # SIGTERM: save at the next step end, then stop
     trainer = build_trainer(cfg, model, tokenizer, train_ds, val_ds, output_dir,
-                            [_progress_callback(tracker, output_dir, on_checkpoint)])
+                            [_progress_callback(tracker, output_dir, on_checkpoint), guard.callback()])
     trainer.checkpoint_meta = {"mlflow_run_id": tracker.run_id}
     trainable, total = trainer.model.get_nb_trainable_parameters()
     tracker.log_params({"backend": backend, "trainable_params": trainable, "total_params": total})
-    # A tag, not a param: a resumed attempt continues the same run and params cannot change.
-    tracker.set_tags({"resumed_from": resume_from.name if resume_from else "none"})
+    # Tags, not params: a resumed attempt continues the same run and params cannot change.
+    tracker.set_tags({"resumed_from": resume_from.name if resume_from else "none", "world_size": procs.num_processes})
 
     # run
     t0 = time.time()
@@ -497,10 +529,10 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
         # one step past max_steps when resumed there, so take the weights and state as they are.
         trainer._load_from_checkpoint(str(resume_from))
         trainer.state = finished
-        logged = [h["loss"] for h in finished.log_history if "loss" in h]
-        training_loss = sum(logged) / len(logged) if logged else float("nan")
     else:
-        training_loss = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).training_loss
+        with guard:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        guard.raise_if_preempted(output_dir / "checkpoints")  # before the adapter: training is not finished
     seconds = time.time() - t0
 
     # save (under FSDP every rank takes part in gathering the adapter; rank 0 writes it)
@@ -518,7 +550,7 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
         "train_loss_last": losses[-1] if losses else None, "best_eval_loss": min(evals) if evals else None,
         "best_checkpoint": trainer.state.best_model_checkpoint, "trainable_params": trainable,
         "resumed_from": str(resume_from) if resume_from else None, "train_seconds": round(seconds, 2),
-        "tokens_seen": trainer.state.num_input_tokens_seen, "train_runtime_loss": training_loss,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
         "compute_dtype": str(compute_dtype(cfg.model, cfg.train.use_cpu)).removeprefix("torch."),
         "world_size": procs.num_processes, "adapter_sha256": digests[0], "adapter_sha256_by_rank": digests,
         **memory_metrics(),
@@ -530,15 +562,15 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
         return summary
     (output_dir / "train_result.json").write_text(json.dumps(summary, indent=1))
     (output_dir / "log_history.json").write_text(json.dumps(history, indent=1, default=str))
-    tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None
-                         and not (isinstance(v, float) and math.isnan(v))})
+    tracker.log_metrics({name: summary[key] for key, name in SUMMARY_METRICS.items()
+                         if isinstance(summary[key], (int, float)) and not math.isnan(summary[key])})
     return summary
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     import argparse
 
-    from qloraflow.config import load_config
+    from qloraflow.config import load_config, parse_overrides
 
     ap = argparse.ArgumentParser(description="Train a QLoRA adapter on a tokenized dataset.")
     ap.add_argument("--config", required=True)
@@ -546,10 +578,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_steps=5")
     a = ap.parse_args(argv)
-    import yaml
-
-    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
-    print(json.dumps(train_adapter(load_config(a.config, overrides), a.data, a.out), indent=1))
+    try:
+        cfg = load_config(a.config, parse_overrides(a.set))
+        print(json.dumps(train_adapter(cfg, a.data, a.out), indent=1))
+    except PreemptedError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM) from None  # the exit status of a process ended by SIGTERM
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

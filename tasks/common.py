@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from flytekit import current_context
+from flytekit import Deck, current_context
+from flytekit.deck.deck import TimeLineDeck
 from flytekit.types.directory import FlyteDirectory
 
 from qloraflow.stages import RunContext
@@ -24,10 +25,11 @@ def execution_id() -> str:
 
 def stage_tracker(context: RunContext, stage: str, run_id: Optional[str] = None,
                   fallback_dir: Optional[str] = None) -> MlflowTracker:
-    """A nested MLflow run for one stage under the pipeline's run."""
+    """A nested MLflow run for one stage under the pipeline's run, named ``<pipeline run name>-<stage>``,
+    with the execution's source, user and git tags."""
     return MlflowTracker(context.experiment, context.tracking_uri, run_id=run_id,
-                         run_name=f"{context.name}-{stage}", parent_run_id=context.pipeline_run_id,
-                         tags={"qloraflow.stage": stage, "flyte.execution_id": execution_id()},
+                         run_name=f"{context.run_name or context.name}-{stage}", parent_run_id=context.pipeline_run_id,
+                         tags={**context.tags, "qloraflow.stage": stage, "flyte.execution_id": execution_id()},
                          fallback_dir=fallback_dir or work_dir(stage))
 
 
@@ -64,3 +66,19 @@ def work_dir(stage: str) -> Path:
 
 def print_line(stage: str, text: str) -> None:
     print(f"[qloraflow:{stage}] {text}", flush=True)
+
+
+def show_deck(tabs: dict[str, str]) -> None:
+    """This task's Deck tabs (name -> HTML), and only this task's.
+
+    A local execution runs every task in one process, and flytekit's ``ExecutionParameters.Builder``
+    hands each task the same ``decks`` list object (``self.decks = current._decks``), so without this
+    each task's ``deck.html`` would also carry every earlier task's tabs. The earlier tabs are
+    dropped here (their pages are written already); flytekit's own timeline, one shared object, stays.
+    On a cluster each task runs in its own pod and the list starts empty anyway.
+    """
+    decks = current_context().decks
+    timeline = [d for d in decks if isinstance(d, TimeLineDeck)][:1]
+    decks[:] = timeline
+    for name, page in tabs.items():
+        Deck(name, page)

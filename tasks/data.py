@@ -11,15 +11,19 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from flytekit import Deck, task
+from flytekit import task
 from flytekit.types.directory import FlyteDirectory
 
+from qloraflow import data as data_stage
+from qloraflow import lineage
 from qloraflow import shard as sharding
 from qloraflow.config import DataConfig
-from qloraflow.data import prepare_dataset, report_html
+from qloraflow.data import prepare_dataset
+from qloraflow.splits import report_html
+from qloraflow.reports import page_html
 from qloraflow.stages import DataResult, DataSettings, ExecutionSettings, RunContext
 from tasks import policy
-from tasks.common import print_line, stage_run, work_dir
+from tasks.common import print_line, show_deck, stage_run, work_dir
 
 DataOutput = typing.NamedTuple("DataOutput", [("data_dir", FlyteDirectory), ("result", DataResult)])
 
@@ -32,8 +36,8 @@ def prepare_data(settings: DataSettings, execution: ExecutionSettings, context: 
     Fails (before any GPU is requested) when nothing usable is left or too much was rejected.
     """
     data, out = _data_config(settings, execution), work_dir("data")
-    return _tracked(context, out, lambda: prepare_dataset(data, out, seed=settings.seed,
-                                                          **_record_options(settings, data)))
+    return _tracked(context, settings, out, lambda: prepare_dataset(data, out, seed=settings.seed,
+                                                                    **_record_options(settings, data)))
 
 
 @task(cache=policy.cache("data"), container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES,
@@ -51,7 +55,7 @@ def prepare_data_shard(settings: DataSettings, execution: ExecutionSettings, sha
     """One shard's records read, cleaned, checked and MinHashed (no decision that needs the others)."""
     data = _data_config(settings, execution)
     out = work_dir(f"data-shard-{sharding.shard_name(shard)}")  # map tasks run locally share a working directory
-    sharding.prepare_data_shard(data, shard, out, **_record_options(settings, data))
+    data_stage.prepare_data_shard(data, shard, out, **_record_options(settings, data))
     return FlyteDirectory(str(out))
 
 
@@ -61,9 +65,8 @@ def merge_data_shards(settings: DataSettings, execution: ExecutionSettings, part
                       context: RunContext) -> DataOutput:
     """Deduplicate and split every shard's records in input order: ``prepare_data``'s outputs, byte for byte."""
     data, out = _data_config(settings, execution), work_dir("data")
-    folders = [part.download() for part in parts]
-    return _tracked(context, out, lambda: sharding.merge_data_shards(data, folders, out, seed=settings.seed,
-                                                                     **_record_options(settings, data)))
+    return _tracked(context, settings, out, lambda: data_stage.merge_data_shards(
+        data, [part.download() for part in parts], out, seed=settings.seed, **_record_options(settings, data)))
 
 
 def _data_config(settings: DataSettings, execution: ExecutionSettings) -> DataConfig:
@@ -82,18 +85,37 @@ def _record_options(settings: DataSettings, data: DataConfig) -> dict[str, Any]:
                 distinct_numbers=data.near_dup_distinct_numbers, num_workers=data.dedupe_workers)
 
 
-def _tracked(context: RunContext, out: Path, prepare: typing.Callable[[], dict]) -> DataOutput:
-    """Run the stage under its MLflow run; log the report and quarantine, and show the report as a Deck."""
+def _tracked(context: RunContext, settings: DataSettings, out: Path,
+             prepare: typing.Callable[[], dict]) -> DataOutput:
+    """Run the stage under its MLflow run: the counts as metrics, the per-source counts, report and
+    quarantine as artifacts, the splits as the run's datasets; the report as a Deck."""
     with stage_run(context, "data") as tracker:
         report = prepare()
-        tracker.log_metrics({k: v for k, v in _flat(report).items() if isinstance(v, (int, float))})
+        splits = lineage.write_description(out, settings.data_digest, report["sources"])
+        tracker.set_tags({"dataset.hash": settings.data_digest})
+        tracker.log_metrics(report_metrics(report))
+        tracker.log_dict(report["sources"], "data/sources.json")
         tracker.log_artifact(out / "report.json", "data")
         tracker.log_artifact(out / "quarantine.jsonl", "data")
-    Deck("data report", report_html(report))
+        tracker.log_inputs(lineage.dataset_inputs(splits, lineage.SPLITS, context.name, out))
+    page = report_html(report)
+    show_deck({"data report": page})
     print_line("data", f"read {report.get('read')} kept {report.get('kept')} rejected {report.get('rejected')}")
     result = DataResult(read=report["read"], kept=report["kept"], rejected=report["rejected"],
-                        rejected_by_reason=dict(report.get("rejected_by_reason", {})), mlflow_run_id=tracker.run_id)
+                        rejected_by_reason=dict(report.get("rejected_by_reason", {})), mlflow_run_id=tracker.run_id,
+                        report_html=page_html("data", page))
     return DataOutput(data_dir=FlyteDirectory(str(out)), result=result)
+
+
+# Not metrics: per-source counts are named by file paths (they go to data/sources.json), the settings
+# are the pipeline run's params, and the histograms and examples are in report.json.
+NOT_METRICS = ("sources", "config", "seed", "length_histogram", "near_duplicate_examples", "outputs")
+
+
+def report_metrics(report: dict) -> dict[str, float]:
+    """The report's counts as MLflow metrics: read, kept, rejected, reject_rate, per reason, split, format, dedupe."""
+    flat = _flat({k: v for k, v in report.items() if k not in NOT_METRICS})
+    return {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

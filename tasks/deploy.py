@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from flytekit import Deck, task
+from flytekit import task
 from flytekit.types.directory import FlyteDirectory
 
-from qloraflow.reports import deploy_html
+from qloraflow.reports import deploy_html, latency_percentiles, page_html
 from qloraflow.serve import VllmServer, compare_with_hf, smoke_test_server
 from qloraflow.stages import DeployResult, DeploySettings, MergeResult, RunContext
 from tasks import policy
-from tasks.common import local_folder, print_line, stage_run, work_dir
+from tasks.common import local_folder, print_line, show_deck, stage_run, work_dir
 
 
 @task(cache=policy.cache("deploy"), container_image=policy.SERVE_IMAGE, requests=policy.SERVE_RESOURCES,
@@ -18,30 +18,37 @@ def deploy_model(settings: DeploySettings, merged_dir: FlyteDirectory, merged: M
                  context: RunContext) -> DeployResult:
     """Start vLLM on 127.0.0.1, run the smoke suite, stop it; report answers, latency and HF agreement."""
     if not settings.serve.enabled:
-        return DeployResult(passed=False, skipped="serve.enabled is false")
+        page = deploy_html({"skipped": "serve.enabled is false"})
+        show_deck({"deployment": page})
+        return DeployResult(passed=False, skipped="serve.enabled is false", report_html=page_html("deploy", page))
     samples = merged.samples
-    # The same test prompts the merged model answered with HF generate: chats, and the rendered text raw.
-    prompts = [{"messages": s.messages, "prompt": s.prompt} for s in samples]
+    # The same test prompts the merged model answered with HF generate: chats, and the rendered text raw,
+    # each under its record id.
+    prompts = [{"id": rid, "messages": s.messages, "prompt": s.prompt} for rid, s in samples.items()]
     log = work_dir("deploy") / "vllm.log"
     with stage_run(context, "deploy") as tracker:
         try:
             with VllmServer(local_folder(merged_dir), settings.serve, log,
                             served_model_name=settings.served_model_name) as srv:
-                report = smoke_test_server(srv.base_url, srv.model_name, prompts, max_tokens=settings.max_new_tokens)
+                report = smoke_test_server(srv.base_url, srv.model_name, prompts, max_tokens=settings.max_new_tokens,
+                                           api_key=srv.api_key)
         finally:
             if log.exists():
                 tracker.log_artifact(log, "deploy")  # the server's log, also when it failed
         report.update(port=srv.port, pid=srv.pid)  # stopped by now: the with-block ends the whole process group
-        report["hf_agreement"] = compare_with_hf(report["chat_answers"], [s.answer for s in samples])
-        lat = report["latency"]
+        report["hf_agreement"] = compare_with_hf(report["chat_answers_by_id"],
+                                                 {rid: s.answer for rid, s in samples.items()})
+        lat = latency_percentiles(report["latency"])  # p50/p95 of the chat and completion requests
         tracker.log_metrics({"smoke_passed": float(report["passed"]), "hf_agreement": report["hf_agreement"]["share"],
                              **{k: v for k, v in lat.items() if isinstance(v, (int, float))}})
     report["mlflow_run_id"] = tracker.run_id
-    Deck("deployment", deploy_html(report))
+    page = deploy_html(report, [s.messages[-1]["content"] for s in samples if s.messages])
+    show_deck({"deployment": page})
     print_line("deploy", f"smoke {'passed' if report['passed'] else 'FAILED'}; HF agreement "
                          f"{report['hf_agreement']['share']:.2%}; first answer: {report['chat_answers'][:1]}")
     return DeployResult(passed=bool(report["passed"]), hf_agreement=float(report["hf_agreement"]["share"]),
-                        chat_answers=[str(a) for a in report["chat_answers"]],
+                        chat_answers={rid: str(a) for rid, a in report["chat_answers_by_id"].items()},
                         latency={k: float(v) for k, v in lat.items()
                                  if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                        port=srv.port, pid=srv.pid, mlflow_run_id=tracker.run_id)
+                        port=srv.port, pid=srv.pid, mlflow_run_id=tracker.run_id,
+                        report_html=page_html("deploy", page))

@@ -5,16 +5,16 @@ from __future__ import annotations
 import typing
 from pathlib import Path
 
-from flytekit import Deck, task
+from flytekit import task
 from flytekit.types.directory import FlyteDirectory
 
 from qloraflow.errors import MergeVerificationError
 from qloraflow.evaluate import evaluate_model
-from qloraflow.merge import merge_and_verify, probe_rows
-from qloraflow.reports import merge_html
+from qloraflow.merge import compare_answers, merge_and_verify, probe_rows
+from qloraflow.reports import merge_html, page_html
 from qloraflow.stages import EvalResult, MergeCheck, MergeResult, MergeSettings, RunContext, Sample
 from tasks import policy
-from tasks.common import print_line, stage_run, work_dir
+from tasks.common import print_line, show_deck, stage_run, work_dir
 
 MergeOutput = typing.NamedTuple("MergeOutput", [("merged_dir", FlyteDirectory), ("result", MergeResult)])
 
@@ -25,10 +25,10 @@ def merge_model(settings: MergeSettings, train_dir: FlyteDirectory, data_dir: Fl
                 tok_dir: FlyteDirectory, candidate: EvalResult, context: RunContext) -> MergeOutput:
     """Merged safetensors in the training dtype; fails unless weights, outputs and metrics match the adapter."""
     cfg = settings.config()
-    adapter = Path(train_dir.download()) / "adapter"
     merged = work_dir("merge") / "merged_model"
-    data, tok = data_dir.download(), tok_dir.download()
     with stage_run(context, "merge") as tracker:
+        adapter = Path(train_dir.download()) / "adapter"
+        data, tok = data_dir.download(), tok_dir.download()
         info = merge_and_verify(cfg.model.base_model, adapter, merged, cfg.model.compute_dtype,
                                 probe_rows(tok, cfg.merge.probe_samples), cfg.merge.kl_factor)
         result = evaluate_model(cfg, str(merged), data, tok)  # the model that is served
@@ -41,16 +41,20 @@ def merge_model(settings: MergeSettings, train_dir: FlyteDirectory, data_dir: Fl
                                          f"{adapter_metric:.4f}: a drop of {drop:.4f} > merge.metric_tolerance "
                                          f"{cfg.merge.metric_tolerance}")
         check = info["verify"]
-        info.update(metrics=metrics, samples=result.samples, metric_drop=drop,
+        # The merged model's answers against the adapter's, record by record (matched by id).
+        adapter_answers = {rid: s.answer for rid, s in candidate.samples["candidate"].items()}
+        same = compare_answers(result.answers, adapter_answers)
+        info.update(metrics=metrics, samples=result.samples, metric_drop=drop, answer_agreement=same,
                     generation_tokens_per_s=result.tokens_per_s)
         tracker.log_metrics({f"merged.{k}": v for k, v in metrics.items()})
         tracker.log_metrics({"merge_mean_kl": check["outputs"]["mean_kl"], "merge_kl_bound": check["kl_bound"],
                              "merge_greedy_agreement": check["outputs"]["greedy_agreement"],
                              "merge_worst_ulps": check["weights"]["worst_ulps"],
                              "merge_delta_lost_share": check["weights"]["delta_lost_share"],
-                             "merged_bytes": info["bytes"]})
+                             "merge_answer_agreement": same, "merged_bytes": info["bytes"]})
     info["mlflow_run_id"] = tracker.run_id
-    Deck("merge check", merge_html(info))
+    page = merge_html(info)
+    show_deck({"merge check": page})
     print_line("merge", f"{merged} ({info['bytes'] / 2**20:.1f} MiB {info['dtype']}); weights within "
                         f"{check['weights']['worst_ulps']:.2f} ulp of base + adapter; mean KL "
                         f"{check['outputs']['mean_kl']:.2e} (bound {check['kl_bound']:.2e}), greedy agreement "
@@ -62,4 +66,5 @@ def merge_model(settings: MergeSettings, train_dir: FlyteDirectory, data_dir: Fl
     return MergeOutput(merged_dir=FlyteDirectory(str(merged)), result=MergeResult(
         sha256=info["sha256"], bytes=int(info["bytes"]), dtype=info["dtype"], check=verified,
         metrics={k: float(v) for k, v in metrics.items()}, metric_drop=float(drop),
-        samples=[Sample.of(s) for s in result.samples], mlflow_run_id=tracker.run_id))
+        samples=Sample.keyed(result.samples), mlflow_run_id=tracker.run_id,
+        report_html=page_html("merge", page)))

@@ -22,6 +22,7 @@ from flytekit.types.directory import FlyteDirectory
 
 from qloraflow import registry
 from qloraflow.evaluate import evaluate_model
+from qloraflow.outputs import keep_execution
 from qloraflow.stages import (DataResult, DeployResult, EvalResult, MergeResult, RegisterSettings, RunContext,
                               TokenizeResult, TrainResult)
 from qloraflow.tracking import MlflowTracker
@@ -29,18 +30,32 @@ from tasks import policy
 from tasks.common import execution_id, local_folder, print_line
 
 
-def _champion_metrics(cfg, client, data: str, tok: str, test_key: str) -> dict:  # noqa: ANN001
-    """The champion's metrics on this test split: from its tags when measured on it, else re-evaluated."""
+def _champion_side(cfg, client, data: str, tok: str, test_key: str) -> dict:  # noqa: ANN001
+    """The champion's metrics and per-record verdicts (gate metric) on this test split, and where they come from.
+
+    Stored with the version when it was evaluated on this split; otherwise (another split or
+    evaluation, or a version registered before verdicts were kept) the champion is re-evaluated here,
+    so that the gate can pair it with the candidate record by record.
+    """
     current = registry.champion(client, cfg.registry.model_name)
     if current is None:
-        return {}
-    tags = current.tags or {}
+        return {"version": None, "metrics": {}, "verdicts": None, "source": None}
+    tags, gate = current.tags or {}, cfg.eval.gate_metric
     if tags.get("eval_key") == test_key:
-        return {k[len("metric."):]: float(v) for k, v in tags.items() if k.startswith("metric.")}
+        verdicts = registry.stored_verdicts(client, current, gate, test_key)
+        if verdicts is not None:
+            return {"version": str(current.version), "verdicts": verdicts, "source": "stored with the version",
+                    "metrics": {k[len("metric."):]: float(v) for k, v in tags.items() if k.startswith("metric.")}}
+        why = "it kept no per-record verdicts"
+    else:
+        why = "it was evaluated on another test split or with other settings"
     import mlflow
 
     local = mlflow.artifacts.download_artifacts(artifact_uri=current.source, tracking_uri=client.tracking_uri)
-    return evaluate_model(cfg, local, data, tok).metrics
+    evaluation = evaluate_model(cfg, local, data, tok)
+    print_line("register", f"champion v{current.version} re-evaluated on this test split: {why}")
+    return {"version": str(current.version), "metrics": evaluation.metrics, "verdicts": evaluation.verdicts(gate),
+            "source": f"re-evaluated on this test split ({why})"}
 
 
 def _report(folder: str, run_id: str) -> dict:
@@ -59,9 +74,12 @@ def register_and_promote(settings: RegisterSettings, context: RunContext, data: 
     pipeline_run_id = context.pipeline_run_id
     data_local, tok_local = data_dir.download(), tok_dir.download()
     results = {k: dict(v) for k, v in evaluated.metrics.items()}
-    train = dataclasses.asdict(trained)
-    deploy = {k: v for k, v in dataclasses.asdict(deployed).items() if k != "skipped" or v}
-    merge = dataclasses.asdict(merged)
+    # The pages go to outputs/<name>/runs/<run>/decks/, not into the summary and the MLflow report.
+    pages = {stage: r.report_html for stage, r in (("data", data), ("tokenize", tokenized), ("train", trained),
+                                                  ("evaluate", evaluated), ("merge", merged), ("deploy", deployed))}
+    train = {k: v for k, v in dataclasses.asdict(trained).items() if k != "report_html"}
+    deploy = {k: v for k, v in dataclasses.asdict(deployed).items() if (k != "skipped" or v) and k != "report_html"}
+    merge = {k: v for k, v in dataclasses.asdict(merged).items() if k != "report_html"}
     reports = {"data": _report(data_local, data.mlflow_run_id), "tokenize": _report(tok_local, tokenized.mlflow_run_id),
                "train": train, "evaluate": {"mlflow_run_id": evaluated.mlflow_run_id}, "merge": merge,
                "deploy": deploy}
@@ -69,49 +87,91 @@ def register_and_promote(settings: RegisterSettings, context: RunContext, data: 
     client = registry.client_for(context.tracking_uri)
     stages = stage_provenance(client, pipeline_run_id, reports)
     test_key = f"{settings.eval_digest}:{settings.data_digest}"
-    results["champion"] = _champion_metrics(cfg, client, data_local, tok_local, test_key)
+    champ = _champion_side(cfg, client, data_local, tok_local, test_key)
+    results["champion"] = champ["metrics"]
     results["merged"] = dict(merged.metrics)
     for model, metrics in results.items():
         tracker.log_metrics({f"{model}.{k}": v for k, v in metrics.items()})
 
+    gate = cfg.eval.gate_metric
     version = registry.version_with_digest(client, name, merged.sha256)
-    created = False
-    if version is None:  # upload outside the registry lock; register_once re-checks under it
+    created, uploaded = False, version is None
+    if uploaded:  # upload outside the registry lock; register_once re-checks under it
         tracker.log_artifact(local_folder(merged_dir), "merged_model")
-        tracker.log_dict({"data": reports["data"], "tokenize": reports["tokenize"], "train": train,
-                          "eval": results, "merge": {k: v for k, v in merge.items() if k != "samples"},
-                          "deploy": deploy}, "pipeline_report.json")
+        # The per-record verdicts: what the next candidate is paired with while this version is champion.
+        tracker.log_dict(registry.verdicts_document(merged.samples, test_key), "gate/verdicts.json")
         tags = {"train_key": settings.train_digest, "data_key": settings.data_digest, "eval_key": test_key,
                 "dataset.hash": settings.data_digest, "config.hash": cfg.hash(), "base_model": cfg.model.base_model,
                 "base_model.revision": cfg.model.revision or "", "flyte.execution_id": execution_id(),
-                "adapter_run_id": trained.mlflow_run_id,
+                "adapter_run_id": trained.mlflow_run_id, registry.VERDICTS_TAG: f"runs:/{pipeline_run_id}/gate/verdicts.json",
                 **{f"metric.{k}": v for k, v in results["merged"].items()}}
         version, created = registry.register_once(client, name, merged.sha256,
                                                   f"runs:/{pipeline_run_id}/merged_model", pipeline_run_id, tags)
     if created:
-        decision = registry.promote(client, name, version, results["merged"], results["base"],
-                                    cfg.eval.gate_metric, cfg.registry.promotion_margin, deployed.passed)
+        decision = registry.promote(
+            client, name, version, results["merged"], results["base"], gate, cfg.registry.promotion_margin,
+            deployed.passed, verdicts={rid: s.scores[gate] for rid, s in merged.samples.items()},
+            base_verdicts={rid: s.scores[gate] for rid, s in evaluated.samples["base"].items()},
+            champion_verdicts=lambda mv: champ["verdicts"] if str(mv.version) == champ["version"]
+            else registry.stored_verdicts(client, mv, gate, test_key),
+            confidence=cfg.registry.confidence, seed=cfg.seed)
+        if "champion" in decision["tests"] and champ["source"]:
+            decision["tests"]["champion"]["verdicts_from"] = champ["source"]
+        for key, value in registry.decision_tags(decision).items():
+            client.set_model_version_tag(name, version, key, value)
     else:
-        decision = {"promoted": False, "reason": "unchanged: already registered"}
+        decision = {"promoted": False, "reason": "unchanged: already registered", "tests": {}}
         print_line("register", f"the same merged model as version {version}: nothing new to register")
+    if uploaded:
+        tracker.log_dict({"data": reports["data"], "tokenize": reports["tokenize"], "train": train,
+                          "eval": {**results, "gate": decision}, "deploy": deploy,
+                          "merge": {k: v for k, v in merge.items() if k != "samples"}}, "pipeline_report.json")
+    root = Path(cfg.output_dir) / cfg.name
     if decision["promoted"]:
-        decision["manifests"] = str(render_champion_manifests(cfg, client, version))
+        decision["manifests"] = str(render_champion_manifests(cfg, client, version).relative_to(root))
+    # What a user keeps, under outputs/<name>/runs/<run>/: the model outlives Flyte's sandbox folders.
+    source = merged_dir.remote_source or merged_dir.path
+    samples = {**{m: [dataclasses.asdict(s) for s in ss.values()] for m, ss in evaluated.samples.items()},
+               "merged": [dataclasses.asdict(s) for s in merged.samples.values()]}
+    kept = keep_execution(root, pipeline_run_id, source if "://" in source or os.path.isdir(source) else None,
+                          pages, results, samples)
+    tracker.log_artifact(root / kept["comparison_png"], "evaluate")
+    tracker.log_table(json.loads((root / kept["eval_samples"]).read_text()), "eval_samples.json")  # sortable
     tracker.set_tags({**{f"stage.{k}": v for k, v in stages.items()}, "registry.version": version,
-                      "registry.promoted": decision["promoted"], "registry.reason": decision["reason"]})
+                      "registry.promoted": decision["promoted"], "registry.reason": decision["reason"],
+                      **registry.decision_tags(decision)})
+    tracker.log_metrics({f"gate.vs_{side}.{k}": t[k] for side, t in decision["tests"].items()
+                         for k in ("difference", "lower", "upper", "p_value", "n") if t.get(k) is not None})
     tracker.close()
     check = merged.check
     summary = {"mlflow_run_id": pipeline_run_id, "flyte_execution_id": execution_id(), "data": reports["data"],
                "tokenize": reports["tokenize"]["splits"], "train": train, "eval": results, "stages": stages,
-               "merged_dir": merged_dir.path, "merged_bytes": merged.bytes,
+               "merged_dir": kept.get("merged_model") or kept.get("merged_model_uri"), "merged_bytes": merged.bytes,
+               "outputs": {k: v for k, v in kept.items() if k not in ("merged_model", "merged_model_uri")},
                "merge_check": {"worst_ulps": check.worst_ulps, "mean_kl": check.mean_kl, "kl_bound": check.kl_bound,
                                "greedy_agreement": check.greedy_agreement},
                "registry": {"model": name, "version": version, **decision},
                "deploy": {"passed": deployed.passed, "skipped": deployed.skipped, "hf_agreement": deployed.hf_agreement,
                           "vllm_exact_match": _served_exact_match(merged, deployed),
-                          "pid": deployed.pid, "port": deployed.port,
+                          "port": deployed.port,  # the server is stopped: no pid to look up
                           "example": _example(merged, deployed), "latency": deployed.latency or None}}
-    summary["summary_file"] = str(write_summary(Path(cfg.output_dir) / cfg.name, pipeline_run_id, summary))
-    return format_summary(summary)
+    summary["summary_file"] = str(write_summary(root, pipeline_run_id, summary).relative_to(root))
+    return format_summary(summary, root)
+
+
+
+def _gate_lines(tests: dict) -> list[str]:
+    """One line per side of the gate: the difference, its interval, p-value and n, or why only point estimates."""
+    lines = []
+    for side, t in tests.items():
+        if t.get("lower") is not None:
+            text = (f"{t['difference']:+.4f}  [{t['lower']:+.4f}, {t['upper']:+.4f}] at {t['confidence']:.0%}  "
+                    f"p={t['p_value']:.3g}  n={t['n']}  {t['method']}")
+        else:
+            text = t["source"]
+        where = f"; verdicts {t['verdicts_from']}" if t.get("verdicts_from") else ""
+        lines.append(f"gate      vs {side:<9} {text}  {'passed' if t['passed'] else 'NOT passed'}{where}")
+    return lines
 
 
 def _serving_lines(dep: dict) -> list[str]:
@@ -124,9 +184,12 @@ def _serving_lines(dep: dict) -> list[str]:
 
 
 def write_summary(out: Path, pipeline_run_id: str, summary: dict) -> Path:
-    """``out/runs/<run>/summary.json`` for this execution, then ``out/summary.json`` (the latest), both atomic."""
+    """``out/runs/<run>/summary.json`` for this execution, then ``out/summary.json`` (the latest), both atomic.
+
+    Paths in both are relative to ``out`` (``outputs/<name>``).
+    """
     own = out / "runs" / pipeline_run_id / "summary.json"
-    text = json.dumps({**summary, "summary_file": str(own)}, indent=1, default=str)
+    text = json.dumps({**summary, "summary_file": str(own.relative_to(out))}, indent=1, default=str)
     for path in (own, out / "summary.json"):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -146,8 +209,7 @@ def render_champion_manifests(cfg, client, version: str) -> Path:  # noqa: ANN00
     root = Path(cfg.output_dir) / cfg.name / "deploy"
     for target in ("k8s", "kserve"):
         manifests = render_manifests(f"models:/{cfg.registry.model_name}@champion", cfg.registry.model_name, version,
-                                     target=target, max_model_len=cfg.serve.max_model_len,
-                                     tracking_uri=cfg.tracking.tracking_uri)
+                                     target=target, max_model_len=cfg.serve.max_model_len)
         validate_manifests(manifests)
         with manifests_lock(root / target):
             holder = registry.champion(client, cfg.registry.model_name)
@@ -176,18 +238,23 @@ def stage_provenance(client, pipeline_run_id: str, reports: dict) -> dict[str, s
 
 
 def _served_exact_match(merged: MergeResult, deployed: DeployResult) -> float | None:
-    """Share of the server's chat answers that equal the held-out reference answers."""
+    """Share of the server's chat answers that equal their records' reference answers (matched by record id)."""
     from qloraflow.evaluate import exact_match
+    from qloraflow.paired import match_ids
 
-    answers, refs = deployed.chat_answers, [s.reference for s in merged.samples]
-    return sum(exact_match(a, r) for a, r in zip(answers, refs)) / len(answers) if answers else None
+    answers = deployed.chat_answers
+    if not answers:
+        return None
+    ids = match_ids(answers, merged.samples, "the served answers", "the merged model's samples")
+    return sum(exact_match(answers[i], merged.samples[i].reference) for i in ids) / len(ids)
 
 
 def _example(merged: MergeResult, deployed: DeployResult) -> dict:
     if not deployed.chat_answers:
         return {}
-    s = merged.samples[0]
-    return {"question": s.messages[-1]["content"], "reference": s.reference, "vllm_answer": deployed.chat_answers[0]}
+    rid, answer = next(iter(deployed.chat_answers.items()))
+    s = merged.samples[rid]
+    return {"id": rid, "question": s.messages[-1]["content"], "reference": s.reference, "vllm_answer": answer}
 
 
 # What each evaluation row measures: the gate compares ``merged``, the model that is served.
@@ -195,7 +262,8 @@ ROWS = {"base": "16-bit base model", "candidate": "16-bit base + adapter, unmerg
         "merged": "adapter merged into the 16-bit base: what vLLM serves", "champion": "the registry's champion"}
 
 
-def format_summary(s: dict) -> str:
+def format_summary(s: dict, root: Path = Path(".")) -> str:
+    """The summary as the pipeline prints it; paths are shown joined to ``root`` (``outputs/<name>``)."""
     d, t, e = s["data"], s["train"], s["eval"]
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(d.get("rejected_by_reason", {}).items()))
     keys = sorted({k for m in e.values() for k in m if k in ("exact_match", "execution_accuracy", "eos_rate",
@@ -216,12 +284,19 @@ def format_summary(s: dict) -> str:
             lines.append(f"  {model:<9}  (none yet)")
     r, dep = s["registry"], s["deploy"]
     m = s["merge_check"]
-    lines += [f"merged    {s['merged_dir']}  ({s['merged_bytes'] / 2**20:.1f} MiB; weights within "
+    kept = s.get("outputs", {})
+    here = lambda p: str(p) if p is None or "://" in str(p) else str(root / p)  # noqa: E731
+    lines += [f"merged    {here(s['merged_dir'])}  ({s['merged_bytes'] / 2**20:.1f} MiB; weights within "
               f"{m['worst_ulps']:.2f} ulp of base + adapter, mean KL {m['mean_kl']:.2e} <= {m['kl_bound']:.2e}, "
               f"greedy agreement {m['greedy_agreement']:.2%})",
               f"registry  {r['model']} version {r['version']}  promoted={r['promoted']}  ({r['reason']})",
-              *([f"          serving manifests for the champion: {r['manifests']}"] if r.get("manifests") else []),
+              *_gate_lines(r.get("tests") or {}),
+              *([f"          serving manifests for the champion: {here(r['manifests'])}"] if r.get("manifests") else []),
               *_serving_lines(dep),
+              *([f"plots     {here(kept['comparison_png'])}  samples {here(kept['eval_samples'])}"]
+                if kept.get("comparison_png") else []),
+              *[f"{'decks' if i == 0 else '':<10}{stage + ':':<10}{here(page)}"
+                for i, (stage, page) in enumerate(kept.get("decks", {}).items())],
               f"mlflow    run {s['mlflow_run_id']}  (flyte execution {s['flyte_execution_id']})",
-              f"summary   {s.get('summary_file')}", "=" * 72]
+              f"summary   {here(s.get('summary_file'))}", "=" * 72]
     return "\n".join(lines)

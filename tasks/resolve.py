@@ -17,6 +17,7 @@ from flytekit.types.file import FlyteFile
 from qloraflow.config import load_config
 from qloraflow.data import content_hash
 from qloraflow.errors import ConfigError
+from qloraflow.preflight import check_launch
 from qloraflow.stages import (DataSettings, DeploySettings, EvalSettings, ExecutionSettings, MergeSettings,
                               RegisterSettings, RunContext, TokenizeSettings, TrainSettings, stage_settings)
 from qloraflow.tokenize import tokenizer_hash
@@ -66,6 +67,35 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
+def source_tags(commit: str) -> dict[str, str]:
+    """The tags MLflow's Source, User and Version columns read, for every run of the execution.
+
+    ``commit`` is the ``git.commit`` tag: MLflow's own tag holds the bare commit, ``git.commit`` keeps
+    the ``-dirty`` mark of uncommitted changes.
+    """
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers)
+        user = "unknown"
+    local = execution_id() in ("local", "none")
+    tags = {"mlflow.source.name": "workflows/finetune.py", "mlflow.source.type": "LOCAL" if local else "JOB",
+            "mlflow.user": user}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    return tags
+
+
+def run_name(name: str) -> str:
+    """One name per execution: ``<name>-<yyyymmdd-hhmmss>`` (UTC), with the Flyte execution id on a cluster."""
+    import datetime
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    execution = execution_id()
+    return f"{name}-{stamp}" if execution in ("local", "none") else f"{name}-{stamp}-{execution}"
+
+
 def input_fingerprints(cfg) -> dict[str, str]:  # noqa: ANN001
     """Content hashes of the files a run reads: data, base model, its tokenizer, the eval database."""
     model_fp = model_fingerprint(cfg.model.base_model, cfg.model.revision)
@@ -81,20 +111,23 @@ def resolve_config(config: FlyteFile) -> Resolved:
     if cfg.train.num_gpus != 1 and cfg.train.num_gpus not in policy.MULTI_GPU_COUNTS:
         raise ConfigError(config.path, [f"'train.num_gpus' is {cfg.train.num_gpus}; the train tasks run on 1 or "
                                         f"{', '.join(map(str, policy.MULTI_GPU_COUNTS))} GPUs of one node"])
+    check_launch(cfg, config.path)  # missing files and incomplete weights fail here, each naming its key
     check_reachable(resolve_tracking_uri(cfg.tracking.tracking_uri))
     d = cfg.to_dict()
     fp = input_fingerprints(cfg)
     settings = stage_settings(cfg, fp)
-    tracker = MlflowTracker(cfg.tracking.experiment, cfg.tracking.tracking_uri, run_name=cfg.name,
+    environment = environment_tags()
+    tags, name = source_tags(environment["git.commit"]), run_name(cfg.name)
+    tracker = MlflowTracker(cfg.tracking.experiment, cfg.tracking.tracking_uri, run_name=name,
                             tags={"flyte.execution_id": execution_id(), "qloraflow.pipeline": "finetune",
-                                  "dataset.hash": fp["data"], "config.hash": cfg.hash(),
+                                  "qloraflow.name": cfg.name, "dataset.hash": fp["data"], "config.hash": cfg.hash(),
                                   "model.base": cfg.model.base_model, "model.revision": cfg.model.revision or "",
-                                  "model.fingerprint": fp["model"], **environment_tags()})
+                                  "model.fingerprint": fp["model"], **environment, **tags})
     flat = {f"{sec}.{k}": v for sec, vals in d.items() if isinstance(vals, dict) for k, v in vals.items()}
     tracker.log_params({**flat, "name": cfg.name, "seed": cfg.seed})
     tracker.log_dict(d, "config.json")
-    print_line("resolve", f"config {cfg.name} valid; data {fp['data'][:12]}; MLflow run {tracker.run_id}")
+    print_line("resolve", f"config {cfg.name} valid; data {fp['data'][:12]}; MLflow run {name} ({tracker.run_id})")
     context = RunContext(pipeline_run_id=tracker.run_id, name=cfg.name, experiment=cfg.tracking.experiment,
-                         tracking_uri=cfg.tracking.tracking_uri)
+                         tracking_uri=cfg.tracking.tracking_uri, run_name=name, tags=tags)
     return Resolved(**settings._asdict(), context=context, num_gpus=cfg.train.num_gpus,
                     data_shards=cfg.data.num_shards, tokenize_shards=cfg.tokenize.num_shards)

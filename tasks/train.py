@@ -11,15 +11,18 @@ import shutil
 import typing
 from pathlib import Path
 
-from flytekit import Deck, current_context, task
+from flytekit import current_context, task
 from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
 
-from qloraflow.reports import train_html
+from qloraflow import lineage
+from qloraflow.errors import PreemptedError
+from qloraflow.modelcard import adapter_card, write_adapter_card
+from qloraflow.reports import page_html, train_html
 from qloraflow.stages import ExecutionSettings, RunContext, TrainResult, TrainSettings
 from qloraflow.train import train_adapter
 from tasks import policy
-from tasks.common import print_line, stage_run, work_dir
+from tasks.common import print_line, show_deck, stage_run, work_dir
 
 TrainOutput = typing.NamedTuple("TrainOutput", [("train_dir", FlyteDirectory), ("result", TrainResult)])
 RUN_ID_FILE = "mlflow_run_id"
@@ -46,15 +49,25 @@ def train_model(settings: TrainSettings, tok_dir: FlyteDirectory, execution: Exe
 
     with stage_run(context, "train", run_id=run_id) as tracker:  # FAILED on any error
         run_file.write_text(tracker.run_id)
+        tok = tok_dir.download()
+        data = lineage.read_description(tok)  # the data stage's splits, carried by tokenize
+        if run_id is None:  # a resumed attempt's run has them already
+            tracker.log_inputs(lineage.dataset_inputs(data, ["train", "validation"], context.name, tok))
         try:
-            summary = train_adapter(cfg, tok_dir.download(), out, tracker=tracker, on_checkpoint=save_checkpoints)
+            summary = train_adapter(cfg, tok, out, tracker=tracker, on_checkpoint=save_checkpoints)
         except (ConnectionError, TimeoutError) as e:  # storage or network blips: the retry resumes
             raise FlyteRecoverableException(f"training interrupted by {type(e).__name__}: {e}") from e
+        except PreemptedError as e:  # SIGTERM (spot node reclaimed): its checkpoint is in the store
+            raise FlyteRecoverableException(str(e)) from e
+        # in place of PEFT's empty card: base model, data, settings (register adds the results)
+        write_adapter_card(out / "adapter", adapter_card(context.name, cfg, summary, data))
         tracker.log_artifact(out / "adapter", "adapter")
     shutil.rmtree(checkpoints, ignore_errors=True)  # in the checkpoint store already; keep the output small
     summary["mlflow_run_id"] = tracker.run_id
     history = out / "log_history.json"
-    Deck("training", train_html(summary, json.loads(history.read_text()) if history.exists() else []))
+    page = train_html(summary, json.loads(history.read_text()) if history.exists() else [])
+    show_deck({"training": page})
     print_line("train", f"{summary['global_step']} steps, loss {summary['train_loss_first']:.3f} -> "
                         f"{summary['train_loss_last']:.3f} in {summary['train_seconds']:.0f}s")
-    return TrainOutput(train_dir=FlyteDirectory(str(out)), result=TrainResult.of(summary, tracker.run_id))
+    return TrainOutput(train_dir=FlyteDirectory(str(out)), result=TrainResult.of(summary, tracker.run_id,
+                                                                                   page_html("train", page)))

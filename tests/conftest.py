@@ -17,6 +17,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _outputs_listing() -> list[str]:
+    folder = ROOT / "outputs"
+    return sorted(p.relative_to(ROOT).as_posix() for p in folder.rglob("*")) if folder.exists() else []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_outputs_untouched():
+    """Tests write only to temporary folders: the checkout's outputs/ (a user's kept results) ends the
+    session exactly as it began (a config's default ``output_dir`` is the relative ``outputs``)."""
+    before = _outputs_listing()
+    yield
+    added = sorted(set(_outputs_listing()) - set(before))
+    assert not added, f"tests wrote into {ROOT / 'outputs'} (give them tmp_path): {added[:20]}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

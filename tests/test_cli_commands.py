@@ -123,7 +123,7 @@ def test_subcommand_help_shows_the_options_of_its_module():
 
 
 def test_validate_the_tiny_config():
-    proc = qloraflow("validate", "configs/tiny.yaml")
+    proc = qloraflow("validate", "--config-only", "configs/tiny.yaml")  # its files exist once make assets ran
     assert proc.returncode == 0, proc.stderr
     assert re.match(r"^configs/tiny\.yaml: valid \(config hash [0-9a-f]+\)$", proc.stdout.strip()), proc.stdout
 
@@ -212,8 +212,9 @@ def test_deploy_dry_run_pins_the_champion_and_its_pods_can_download_it(store, tm
     proc = qloraflow("deploy", "--target", "k8s", "--model-uri", f"models:/{MODEL}@champion", "--version", "1",
                      "--dry-run", env=store["env"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    deployment, service = yaml.safe_load_all(proc.stdout)
-    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    docs = {d["kind"]: d for d in yaml.safe_load_all(proc.stdout)}
+    assert set(docs) == {"ConfigMap", "NetworkPolicy", "Deployment", "Service"}
+    deployment = docs["Deployment"]
     pod = deployment["spec"]["template"]["spec"]
     init = pod["initContainers"][0]
     assert init["command"][init["command"].index("--artifact-uri") + 1] == f"models:/{MODEL}/1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -11,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from qloraflow.config import DataConfig
-from qloraflow.data import assign_split, content_hash, prepare_dataset, report_html
+from qloraflow.data import content_hash, prepare_dataset
+from qloraflow.splits import assign_split, report_html
 from qloraflow.files import write_atomic
 from qloraflow.errors import DataValidationError, EmptyDatasetError
 
@@ -71,8 +73,9 @@ def messy(tmp_path):
     train_path.write_bytes(b"\r\n".join(train) + b"\r\n")  # CRLF everywhere
     test_path = tmp_path / "test.jsonl"
     test_path.write_bytes(jl(x1) + b"\n")
+    # Its one test record has train copies on purpose: the contamination limit is off here.
     cfg = DataConfig(train_files=[str(train_path)], test_files=[str(test_path)], validation_fraction=0.0,
-                     max_reject_rate=0.75)
+                     max_reject_rate=0.75, max_test_contamination=1.0)
     return cfg, str(train_path), str(test_path)
 
 
@@ -266,3 +269,33 @@ def test_content_hash(tmp_path):
     assert h != content_hash([str(a), str(folder)])
     with pytest.raises(DataValidationError, match="missing.jsonl"):
         content_hash([str(tmp_path / "missing.jsonl")])
+
+
+def test_contamination_report_lists_exactly_the_planted_test_copies(tmp_path):
+    tests = [{"instruction": "Summarise this report.", "input": long_text(100 + k), "output": f"Summary {k}."}
+             for k in range(6)]
+    train = [{"instruction": "Summarise this report.", "input": long_text(200 + k), "output": f"Other {k}."}
+             for k in range(10)]
+    planted = [tests[1], {**tests[2], "input": one_word_changed(tests[2]["input"])}, tests[4], tests[4]]
+    train_copy = {**train[0], "input": one_word_changed(train[0]["input"])}  # a copy, but of a train record
+    cfg = DataConfig(train_files=[write_jsonl(tmp_path / "train.jsonl", train + planted + [train_copy])],
+                     test_files=[write_jsonl(tmp_path / "test.jsonl", tests)], validation_fraction=0.0)
+    report = prepare_dataset(cfg, tmp_path / "out")
+
+    test_ids = {r["source"].rsplit(":", 1)[1]: r["id"] for r in read_split(tmp_path / "out", "test")}
+    dirty = report["contamination"]
+    assert dirty["test_ids"] == sorted(test_ids[line] for line in ("2", "3", "5"))  # tests[1], [2] and [4]
+    assert (dirty["test_records"], dirty["contaminated_test_records"], dirty["share"]) == (6, 3, 0.5)
+    assert (dirty["with_exact_copy"], dirty["with_near_copy_only"], dirty["train_copies_removed"]) == (2, 1, 4)
+    assert [(x["test"].rsplit(":", 1)[1], x["train"].rsplit(":", 1)[1], x["kind"]) for x in dirty["examples"]] == [
+        ("2", "11", "exact"), ("3", "12", "near"), ("5", "13", "exact")]
+    assert report["dedupe"]["train_copies_of_test_removed"] == 4
+    assert len(read_split(tmp_path / "out", "train")) == 10  # every copy removed from training, as before
+    assert "Test contamination" in report_html(report)
+
+    # Half the test set copied is the limit at 0.5; at 0.4 the stage fails, names the key and writes no split.
+    with pytest.raises(DataValidationError) as err:
+        prepare_dataset(dataclasses.replace(cfg, max_test_contamination=0.4), tmp_path / "strict")
+    assert "3 of 6 test records (50.0%)" in str(err.value) and "data.max_test_contamination=0.4" in str(err.value)
+    assert not (tmp_path / "strict" / "test.parquet").exists()
+    assert json.loads((tmp_path / "strict" / "report.json").read_text())["contamination"]["test_ids"] == dirty["test_ids"]

@@ -239,7 +239,7 @@ def test_signatures_of_what_varies_equal_datasketch_minhash():
     shared = minhash.shared_lines(texts[:3], 3)
     assert len(shared) == 8
     hashes, offsets, _, kind = minhash._shingles(texts, 3, shared)
-    full, _, _, (varying, unseamed, touches) = minhash._minhash(texts, 128, 3, 1, shared)
+    full, _, _, (varying, unseamed, touches) = minhash.minhash_by_kind(texts, 128, 3, 1, shared)
     assert touches.tolist() == [True, True, True, False, True]
     for i in range(len(texts)):
         h, k = hashes[offsets[i]: offsets[i + 1]], kind[offsets[i]: offsets[i + 1]]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qloraflow import demo
+from qloraflow import demo, tinymodel
 
 N_TRAIN, N_TEST, SEED = 300, 40, 7
 SQL = "SELECT name, price FROM products WHERE category = 'kitchen' AND price < 42.5 ORDER BY price DESC LIMIT 3;"
@@ -175,7 +175,7 @@ def test_tokenizer(assets):
     assert 2000 <= len(tok) <= 4096
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|begin_of_text|>", "<|im_end|>", "<|pad|>")
     assert tok.eos_token_id != tok.pad_token_id
-    for special in demo.SPECIAL_TOKENS:
+    for special in tinymodel.SPECIAL_TOKENS:
         assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1, special
     ids = tok(SQL, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == SQL and len(ids) < len(SQL) / 2  # merges learned, lossless
@@ -232,11 +232,11 @@ def test_base_model_loads_in_bf16_and_runs(assets):
 
 def test_builders_make_small_reproducible_fixtures():
     corpus = [f"SELECT name FROM customers WHERE age > {n};" for n in range(200)] + ["hello world"] * 5
-    tok = demo.build_tokenizer(corpus, vocab_size=300)
+    tok = tinymodel.build_tokenizer(corpus, vocab_size=300)
     assert len(tok) <= 300 and tok.decode(tok("SELECT 7;", add_special_tokens=False)["input_ids"]) == "SELECT 7;"
-    a = demo.build_tiny_llama(tok, seed=3, num_hidden_layers=2, intermediate_size=128)
-    b = demo.build_tiny_llama(tok, seed=3, num_hidden_layers=2, intermediate_size=128)
-    c = demo.build_tiny_llama(tok, seed=4, num_hidden_layers=2, intermediate_size=128)
+    a = tinymodel.build_tiny_llama(tok, seed=3, num_hidden_layers=2, intermediate_size=128)
+    b = tinymodel.build_tiny_llama(tok, seed=3, num_hidden_layers=2, intermediate_size=128)
+    c = tinymodel.build_tiny_llama(tok, seed=4, num_hidden_layers=2, intermediate_size=128)
     assert a.config.num_hidden_layers == 2 and a.config.vocab_size == 320
     assert next(a.parameters()).dtype == torch.bfloat16
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()

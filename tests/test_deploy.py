@@ -28,11 +28,12 @@ URI = "models:/tiny-sql@champion"
 
 
 def k8s(version: str = "3", **kw) -> list[dict]:
-    return render_manifests(URI, "tiny-sql", version, target="k8s", **kw)
+    """The Deployment and the Service (the keyguard ConfigMap and the NetworkPolicy come first)."""
+    return render_manifests(URI, "tiny-sql", version, target="k8s", **kw)[2:]
 
 
 def kserve(version: str = "3", **kw) -> dict:
-    (isvc,) = render_manifests(URI, "tiny-sql", version, target="kserve", **kw)
+    _config_map, _policy, isvc = render_manifests(URI, "tiny-sql", version, target="kserve", **kw)
     return isvc
 
 
@@ -116,9 +117,9 @@ def test_model_uris_pin_aliases_and_keep_artifact_store_uris():
     assert pinned_model_uri("models:/tiny-sql@champion", "7") == "models:/tiny-sql/7"
     assert pinned_model_uri("models:/tiny-sql/7", "7") == "models:/tiny-sql/7"
     assert pinned_model_uri("s3://bucket/runs/abc/merged_model", "7") == "s3://bucket/runs/abc/merged_model"
-    init = render_manifests("s3://bucket/m", "Tiny_SQL", "7")[0]["spec"]["template"]["spec"]["initContainers"][0]
+    init = render_manifests("s3://bucket/m", "Tiny_SQL", "7")[2]["spec"]["template"]["spec"]["initContainers"][0]
     assert init["command"][4] == "s3://bucket/m"
-    assert render_manifests("s3://bucket/m", "Tiny_SQL", "7")[0]["metadata"]["name"] == "tiny-sql"
+    assert render_manifests("s3://bucket/m", "Tiny_SQL", "7")[2]["metadata"]["name"] == "tiny-sql"
 
 
 def test_bad_inputs_are_all_reported_at_once():
@@ -150,7 +151,7 @@ def test_dry_run_prints_the_validated_yaml_and_writes_nothing(tmp_path, capsys):
                       "--out", str(tmp_path / "deploy")])
     assert rc == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert docs == [kserve(max_model_len=4096)]
+    assert docs == render_manifests(URI, "tiny-sql", "3", target="kserve")
     assert "&id" not in manifests_to_yaml(docs)  # plain YAML, no anchors
     assert not (tmp_path / "deploy").exists()
 
@@ -211,14 +212,20 @@ def test_init_container_command_downloads_the_model_from_a_real_registry(tmp_pat
         client.set_registered_model_alias("tiny-sql", "champion", mv.version)
     finally:
         mlflow.set_tracking_uri(None)
-    deployment = render_manifests(URI, "tiny-sql", str(mv.version), tracking_uri=db)[0]
+    deployment = render_manifests(URI, "tiny-sql", str(mv.version))[2]
     pod = deployment["spec"]["template"]["spec"]
     init = pod["initContainers"][0]
     model_dir = pod["containers"][0]["args"][1]
     local = tmp_path / model_dir.lstrip("/")  # the pod's /models volume, here under tmp_path
     cmd = [str(Path(sys.executable).with_name("mlflow")), *init["command"][1:]]
     cmd[cmd.index("--dst-path") + 1] = str(local)
-    env = {**os.environ, **{e["name"]: e["value"] for e in init["env"]}}
+    # What the kubelet does: the Secret's keys, then env (values, and the Secret's key named by secretKeyRef).
+    secret = {"MLFLOW_TRACKING_URI": db}
+    assert init["envFrom"] == [{"secretRef": {"name": "mlflow-tracking", "optional": False}}]
+    env = {**os.environ, **secret}
+    for e in init["env"]:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        env[e["name"]] = secret[ref["key"]] if ref else e["value"]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
     assert sorted(p.name for p in local.iterdir()) == ["config.json", "tokenizer.json"]
 
@@ -254,3 +261,82 @@ def test_dockerfile_entrypoint_passes_model_dir_and_run_arguments_through(tmp_pa
     assert out == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/models/my model",
                    "--served-model-name", "tiny-sql", "--host", "0.0.0.0", "--port", "8000",
                    "--max-model-len", "4096"]
+
+
+# ----------------------------------------------------------------------------- locked down (qloraflow.hardening)
+
+from qloraflow.hardening import find_checkov, lint_manifest_sets  # noqa: E402
+
+
+def test_pods_are_non_root_read_only_keyed_and_behind_a_network_policy():
+    config_map, policy, deployment, _service = render_manifests(URI, "tiny-sql", "3")
+    validate_manifests([config_map, policy])
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] >= 10000
+    assert pod["automountServiceAccountToken"] is False
+    for c in pod["containers"] + pod["initContainers"]:
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert {"/tmp", "/cache"} <= mounts and "limits" in c["resources"]
+    (init,), (vllm,) = pod["initContainers"], pod["containers"]
+    env = {e["name"]: e for e in vllm["env"]}
+    assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "vllm-api-key", "key": "VLLM_API_KEY",
+                                                                "optional": False}
+    assert "--middleware" in vllm["args"] and env["PYTHONPATH"]["value"] == "/opt/qloraflow"
+    assert config_map["data"]["qloraflow_keyguard.py"].startswith('"""An ASGI middleware')
+    init_env = {e["name"]: e for e in init["env"]}
+    assert init_env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["optional"] is False
+    assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"qloraflow.io/vllm-client": "true"}}}],
+                                          "ports": [{"protocol": "TCP", "port": 8000}]}]
+    with pytest.raises(ConfigError, match="declare the clients"):
+        render_manifests(URI, "tiny-sql", "3", ingress_pod_labels=None)
+
+
+def _without(manifests: list[dict], what: str) -> list[dict]:
+    out = json.loads(json.dumps(manifests))
+    for m in out:
+        spec = m.get("spec", {}).get("template", {}).get("spec")
+        if spec is None:
+            continue
+        containers = spec["containers"] + spec["initContainers"]
+        if what == "securityContext":
+            spec.pop("securityContext")
+            for c in containers:
+                c.pop("securityContext")
+        elif what == "init securityContext":
+            spec["initContainers"][0].pop("securityContext")
+        elif what == "limits":
+            for c in containers:
+                c["resources"].pop("limits")
+    return [m for m in out if not (what == "NetworkPolicy" and m["kind"] == "NetworkPolicy")]
+
+
+@pytest.fixture(scope="module")
+def linted():
+    """One checkov run (its start-up is most of the time) over the rendered sets and the negative controls."""
+    def named(name: str, target: str = "k8s") -> list[dict]:
+        return render_manifests(URI, name, "3", target=target)
+
+    return lint_manifest_sets({
+        "k8s": named("served"), "kserve": named("served-kserve", "kserve"),
+        "no-security-context": _without(named("nosec"), "securityContext"),
+        "init-security-context": _without(named("initsec"), "init securityContext"),
+        "no-limits": _without(named("nolimits"), "limits"),
+        "no-network-policy": _without(named("nonet"), "NetworkPolicy")})
+
+
+@pytest.mark.skipif(find_checkov() is None, reason="checkov not installed: `make setup-lint` builds .venv-lint "
+                                                   "(make test runs it first), or set QLORAFLOW_CHECKOV")
+def test_rendered_manifests_pass_the_policy_linter_and_broken_ones_fail_it(linted):
+    assert linted["k8s"] == [] and linted["kserve"] == []
+
+    def ids(name: str) -> set[str]:
+        return {line.split()[0] for line in linted[name]}
+
+    assert {"CKV_K8S_20", "CKV_K8S_22", "CKV_K8S_23", "CKV_K8S_28", "CKV_K8S_37", "CKV_K8S_40"} <= ids("no-security-context")
+    assert {"CKV_K8S_20", "CKV_K8S_22", "CKV_K8S_37"} <= ids("init-security-context")  # the init container counts
+    assert {"CKV_K8S_11", "CKV_K8S_13"} <= ids("no-limits")
+    assert ids("no-network-policy") == {"CKV2_K8S_6"}

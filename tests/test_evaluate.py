@@ -48,15 +48,6 @@ def test_free_text_metrics_and_eos_rate():
     assert s["exact_match"] == 0.5 and s["eos_rate"] == 0.5 and set(s) == {"eos_rate", "exact_match", "rouge_l", "chrf"}
 
 
-def test_comparison_plot_is_a_png(tmp_path):
-    from qloraflow.evaluate import comparison_png
-
-    path = comparison_png({"base": {"exact_match": 0.0, "eos_rate": 0.1}, "candidate": {"exact_match": 0.8,
-                                                                                        "eos_rate": 1.0}},
-                          tmp_path / "c.png")
-    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-
-
 def test_sql_exact_match_folds_case_and_spacing_but_not_literals():
     ref = 'SELECT count(*) FROM singer WHERE country = "France"'
     assert sql_exact_match('select COUNT( * )  from SINGER where Country = "France";', ref) == 1.0

@@ -117,11 +117,12 @@ def test_no_stage_function_takes_its_settings_as_any():
     import dataclasses
     import typing
 
-    from qloraflow import data, evaluate, shard, tokenize, train
+    from qloraflow import data, evaluate, shard, splits, tokenize, train
 
-    functions = [data.prepare_dataset, data.write_dataset, data.check_records, shard.plan_data_shards,
-                 shard.prepare_data_shard, shard.merge_data_shards, shard.tokenize_shard,
-                 shard.merge_tokenize_shards, tokenize.tokenize_dataset, tokenize.save_tokenizer,
+    functions = [data.prepare_dataset, splits.write_dataset, data.check_records, shard.plan_data_shards,
+                 data.work_data_shard, data.prepare_data_shard, data.merge_data_shards, tokenize.encode_shard,
+                 tokenize.save_splits, tokenize.tokenize_shard, tokenize.merge_tokenize_shards,
+                 tokenize.tokenize_dataset, tokenize.save_tokenizer,
                  tokenize.save_split, train.train_adapter, evaluate.evaluate_model,
                  evaluate.evaluate_base_and_candidate]
     untyped = []
@@ -130,3 +131,26 @@ def test_no_stage_function_takes_its_settings_as_any():
         if not (dataclasses.is_dataclass(hints.get("cfg")) and hints.get("cfg").__module__ == "qloraflow.config"):
             untyped.append(f"{fn.__module__}.{fn.__name__}(cfg: {hints.get('cfg')})")
     assert untyped == []
+
+
+def private_imports(paths: list[Path]) -> list[str]:
+    """``file:line imports module._name`` for every import of a private name of another package module."""
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("qloraflow", "tasks")
+                    and node.level == 0):
+                found += [f"{path.name}:{node.lineno} imports {node.module}.{a.name}"
+                          for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    code = [p for folder in ("qloraflow", "tasks", "workflows") for p in sorted((ROOT / folder).rglob("*.py"))]
+    assert private_imports(code) == []
+
+
+def test_the_private_import_check_finds_a_planted_one(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("import numpy\n\n\ndef f():\n    from qloraflow.minhash import _powers, shared_lines\n")
+    assert private_imports([ROOT / "qloraflow/dedupe.py", planted]) == ["planted.py:5 imports qloraflow.minhash._powers"]

@@ -90,6 +90,8 @@ def test_merged_model_equals_adapter_in_training_dtype(tmp_path, tiny_model_dir,
     # the chat template and EOS ids travel with it, so serving formats prompts as training did
     assert (merged / "chat_template.jinja").exists() or "chat_template" in (merged / "tokenizer_config.json").read_text()
     assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
+    # merge_info.json travels with the folder: no path of where the merge wrote it
+    assert str(tmp_path) not in (merged / "merge_info.json").read_text()
 
 
 def test_adapter_scaled_before_merging_fails(tmp_path, tiny_model_dir, adapter_dir, probe):

@@ -21,7 +21,8 @@ from qloraflow import assets, shard
 from qloraflow.config import TokenizeConfig
 from qloraflow.errors import TemplateError
 from qloraflow.templates import build_llama3_tokenizer, render
-from qloraflow.tokenize import IGNORE_INDEX, encode_records, tokenize_dataset, unpack_examples
+from qloraflow.tokenize import (IGNORE_INDEX, encode_records, merge_tokenize_shards, tokenize_dataset, tokenize_shard,
+                                unpack_examples)
 
 pytestmark = pytest.mark.skipif(not (assets.is_fetched("llama3-tokenizer") and assets.is_fetched("llama-cpp")),
                                 reason="real tokenizer assets not fetched: run `make assets-real`")
@@ -227,9 +228,9 @@ def test_qwen3_dataset_report_packing_stop_tokens_and_shards(qwen_tokens, tmp_pa
     assert len(ends) == 5 and set(ends) == {qwen_tokens.convert_tokens_to_ids(IM_END)} <= set(stops)
 
     plan = shard.plan_tokenize_shards(tmp_path / "data", 2)
-    parts = [shard.tokenize_shard(cfg, s, tmp_path / "data", base, tmp_path / f"part-{k}") for k, s in enumerate(plan)]
+    parts = [tokenize_shard(cfg, s, tmp_path / "data", base, tmp_path / f"part-{k}") for k, s in enumerate(plan)]
     assert len(plan) == 2
-    assert shard.merge_tokenize_shards(cfg, parts, tmp_path / "data", base, tmp_path / "sharded") == report
+    assert merge_tokenize_shards(cfg, parts, tmp_path / "data", base, tmp_path / "sharded") == report
     assert (datasets.load_from_disk(str(tmp_path / "sharded" / "train")).to_list()
             == datasets.load_from_disk(str(tmp_path / "tok" / "train")).to_list())
 

@@ -72,13 +72,24 @@ def load_fp32(model_dir: Path):
 # ----------------------------------------------------------------------------- fast, no server
 
 
-def test_compare_with_hf_counts_identical_answers_after_strip():
-    got = compare_with_hf([" SELECT 1;", "a", "b\n", "caf"], ["SELECT 1;", "x", "b", "caf\ufffd\ufffd"])
+def keyed(answers: list[str]) -> dict[str, str]:
+    """Answers under their prompt's position, as record ids."""
+    return {str(k): a for k, a in enumerate(answers)}
+
+
+def test_compare_with_hf_counts_identical_answers_after_strip_matched_by_record_id():
+    vllm = {"r1": " SELECT 1;", "r2": "a", "r3": "b\n", "r4": "caf"}
+    hf = {"r4": "caf\ufffd\ufffd", "r2": "x", "r1": "SELECT 1;", "r3": "b"}  # another order: matched by id
+    got = compare_with_hf(vllm, hf)
     assert (got["n"], got["identical"]) == (4, 3)
     assert got["share"] == pytest.approx(3 / 4)
-    assert got["mismatches"] == [{"index": 1, "vllm": "a", "hf": "x"}]
-    with pytest.raises(ServeError, match="equally long"):
-        compare_with_hf(["a"], ["a", "b"])
+    assert got["mismatches"] == [{"id": "r2", "vllm": "a", "hf": "x"}]
+    # lined up by position, the shuffled side would disagree everywhere: the ids are what matches them
+    assert compare_with_hf(keyed(list(vllm.values())), keyed(list(hf.values())))["identical"] == 0
+    with pytest.raises(ServeError, match="1 record id.s. only in the HF answers: r5"):
+        compare_with_hf(vllm, {**hf, "r5": "extra"})
+    with pytest.raises(ServeError, match="only in the vLLM answers: r4"):
+        compare_with_hf(vllm, {k: v for k, v in hf.items() if k != "r4"})
 
 
 def test_smoke_suite_rejects_prompts_it_cannot_use_before_any_request():
@@ -92,7 +103,7 @@ def test_smoke_suite_records_failures_per_check_when_nothing_listens():
     port = find_free_port()
     report = smoke_test_server(f"http://127.0.0.1:{port}/v1", "m", PROMPTS[:1], timeout_s=5)
     assert report["passed"] is False
-    assert set(report["checks"]) == {"chat", "completion", "stream"}
+    assert set(report["checks"]) == {"chat", "completion", "stream", "auth"}
     assert all(not c["passed"] and "Connection" in c["error"] for c in report["checks"].values())
 
 
@@ -135,13 +146,15 @@ def served(tiny_model_dir, tmp_path_factory):
         start_s = time.monotonic() - t0
         members_while_up = process_group_members(srv.pid)
         t1 = time.monotonic()
-        report = smoke_test_server(srv.base_url, "tiny", PROMPTS, max_tokens=MAX_TOKENS, timeout_s=60)
+        report = smoke_test_server(srv.base_url, "tiny", PROMPTS, max_tokens=MAX_TOKENS, timeout_s=60,
+                                   api_key=srv.api_key)
         smoke_s = time.monotonic() - t1
         judged = judge_answers(srv.base_url, "tiny", ["how many customers?"] * 2, ["SELECT COUNT(*);"] * 2,
-                               ["SELECT COUNT(*);", "no idea"])
+                               ["SELECT COUNT(*);", "no idea"], api_key=srv.api_key)
         t2 = time.monotonic()
     stop_s = time.monotonic() - t2
-    agreement = compare_with_hf(report["chat_answers"] + report["completion_answers"], hf_chat + hf_completion)
+    agreement = compare_with_hf(keyed(report["chat_answers"] + report["completion_answers"]),
+                                keyed(hf_chat + hf_completion))
     print(f"\nvLLM start {start_s:.1f} s, smoke suite {smoke_s:.1f} s, stop {stop_s:.1f} s, "
           f"HF agreement {agreement['share']:.2f}, latency {report['latency']}")
     return {"srv": srv, "report": report, "agreement": agreement, "judged": judged, "members_while_up": members_while_up,
@@ -213,11 +226,12 @@ def test_lora_mode_serves_the_adapter_and_an_exception_in_with_stops_it(tiny_mod
                      lora_modules={"sql": str(tmp_path / "adapter")}, enforce_eager=True)
     with pytest.raises(RuntimeError, match="boom"):
         with srv:
-            report = smoke_test_server(srv.base_url, "sql", PROMPTS[:3], max_tokens=MAX_TOKENS, timeout_s=60)
+            report = smoke_test_server(srv.base_url, "sql", PROMPTS[:3], max_tokens=MAX_TOKENS, timeout_s=60,
+                                       api_key=srv.api_key)
             assert process_group_members(srv.pid)
             raise RuntimeError("boom")
     assert report["passed"], report["checks"]
-    agreement = compare_with_hf(report["chat_answers"], hf_chat)
+    agreement = compare_with_hf(keyed(report["chat_answers"]), keyed(hf_chat))
     print(f"\nLoRA HF agreement {agreement['share']:.2f}")
     assert agreement["share"] >= 0.8, agreement["mismatches"]
     assert process_group_members(srv.pid) == []
@@ -243,3 +257,45 @@ def test_server_that_cannot_start_raises_with_log_tail_and_leaves_nothing(tiny_m
     assert 0 < len(tail) <= 40 and tail[-1] == (tmp_path / "vllm.log").read_text().splitlines()[-1]
     assert process_group_members(srv.pid) == []
     assert port_is_free("127.0.0.1", srv.port)
+
+
+def test_the_key_is_in_the_environment_not_in_argv(tmp_path):
+    a = VllmServer(tmp_path / "m", serve_config(), tmp_path / "s.log")
+    b = VllmServer(tmp_path / "m", serve_config(), tmp_path / "s.log")
+    a.port = 8123
+    assert a.api_key != b.api_key and len(a.api_key) >= 32  # a new key per server
+    assert a.api_key not in " ".join(a.command())
+    assert a.command()[a.command().index("--middleware") + 1] == "qloraflow_keyguard.KeyGuard"
+    assert a._env()["VLLM_API_KEY"] == a.api_key
+
+
+def test_keyguard_refuses_every_path_but_health_without_the_key(monkeypatch):
+    """The middleware on a bare ASGI app (vLLM's own check covers /v1 only; this covers the rest)."""
+    import asyncio
+
+    from qloraflow.keyguard import KeyGuard
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    with pytest.raises(RuntimeError, match="needs VLLM_API_KEY"):
+        KeyGuard(app)  # fails closed: no key, no server
+    monkeypatch.setenv("VLLM_API_KEY", "s3cret")
+    guard = KeyGuard(app)
+
+    def status(path: str, auth: str | None = None, method: str = "POST") -> int:
+        sent = []
+
+        async def send(msg):
+            sent.append(msg)
+
+        headers = [(b"authorization", auth.encode())] if auth else []
+        asyncio.run(guard({"type": "http", "method": method, "path": path, "headers": headers}, None, send))
+        return sent[0]["status"]
+
+    assert status("/health", method="GET") == 200
+    for path in ("/invocations", "/tokenize", "/metrics", "/v1/chat/completions"):
+        assert status(path) == 401 and status(path, "Bearer wrong") == 401 and status(path, "Basic s3cret") == 401
+        assert status(path, "Bearer s3cret") == 200

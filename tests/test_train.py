@@ -20,7 +20,7 @@ from qloraflow.precision import cpu_has_native_bf16
 from qloraflow import train as T
 
 
-def test_4bit_layers_are_nf4_double_quant_and_training_touches_only_lora(tiny_model_dir, tiny_tokenized):
+def test_4bit_layers_are_nf4_double_quant_and_training_touches_only_lora(tmp_path, tiny_model_dir, tiny_tokenized):
     import bitsandbytes as bnb
     from transformers import AutoTokenizer, set_seed
 
@@ -44,7 +44,7 @@ def test_4bit_layers_are_nf4_double_quant_and_training_touches_only_lora(tiny_mo
     assert trainable and all("lora_" in n for n in trainable)
     train_ds, val_ds = T.load_datasets(tiny_tokenized)
     tok = AutoTokenizer.from_pretrained(tiny_tokenized / "tokenizer")
-    trainer = T.build_trainer(cfg, model, tok, train_ds, val_ds, Path(cfg.output_dir) / "unused", [])
+    trainer = T.build_trainer(cfg, model, tok, train_ds, val_ds, tmp_path / "unused", [])
     trainer.args.save_strategy = "no"
     trainer.train()
     after = {n: raw(t) for n, t in model.state_dict().items()}
@@ -155,7 +155,7 @@ def test_killed_after_the_last_checkpoint_resumes_to_the_same_adapter_without_ex
     assert again["train_loss_last"] == first["train_loss_last"]
 
 
-def test_token_count_from_the_batch_shape_equals_the_trainers_count(tiny_model_dir, tiny_tokenized):
+def test_token_count_from_the_batch_shape_equals_the_trainers_count(tmp_path, tiny_model_dir, tiny_tokenized):
     """``with_host_token_count``: padding-free batches are counted from their shape, without the
     Trainer's GPU sum and sync; the count equals the Trainer's own, and every token of the rows seen."""
     from transformers import AutoTokenizer
@@ -170,7 +170,7 @@ def test_token_count_from_the_batch_shape_equals_the_trainers_count(tiny_model_d
         T.with_host_token_count = wrap
         try:
             trainer = T.build_trainer(cfg, T.build_model(cfg, "hf"), tok, train_ds, None,
-                                      Path(cfg.output_dir) / name, [])
+                                      tmp_path / name, [])
         finally:
             T.with_host_token_count = original
         assert (type(trainer).__name__ == "HostTokenCountTrainer") == (name == "host")

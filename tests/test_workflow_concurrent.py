@@ -58,11 +58,11 @@ def test_each_execution_keeps_its_own_summary_and_model(two_executions):
     assert len(run_ids) == 2
     for s in summaries.values():
         own = outputs / "runs" / s["mlflow_run_id"] / "summary.json"
-        assert s["summary_file"] == str(own) and json.loads(own.read_text())["mlflow_run_id"] == s["mlflow_run_id"]
+        assert outputs / s["summary_file"] == own and json.loads(own.read_text())["mlflow_run_id"] == s["mlflow_run_id"]
         assert s["deploy"]["passed"] is True  # each served its own merged model
     assert json.loads((outputs / "summary.json").read_text()) in list(summaries.values())  # the latest, whole
     assert sorted(p.parent.name for p in (outputs / "runs").glob("*/summary.json")) == sorted(run_ids)
-    merged = [Path(s["merged_dir"]) for s in summaries.values()]
+    merged = [outputs / s["merged_dir"] for s in summaries.values()]
     assert merged[0] != merged[1] and model_digest(merged[0]) != model_digest(merged[1])
 
 
@@ -83,7 +83,7 @@ def test_both_versions_registered_intact_and_the_better_one_is_champion(two_exec
                                                          dst_path=str(tmp_path / str(mv.version))))
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in local.iterdir()}
         # the bytes the registry serves are the bytes this execution's merge wrote
-        assert model_digest(local) == mv.tags["model.sha256"] == model_digest(s["merged_dir"])
+        assert model_digest(local) == mv.tags["model.sha256"] == model_digest(two_executions["outputs"] / s["merged_dir"])
         assert float(mv.tags["metric.chrf"]) == pytest.approx(s["eval"]["merged"]["chrf"])
         assert s["eval"]["merged"]["chrf"] > s["eval"]["base"]["chrf"]  # both were eligible
     best = max(versions.values(), key=lambda mv: float(mv.tags["metric.chrf"]))
