@@ -292,7 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
         "fits_24gb": (torch.cuda.max_memory_reserved() <= 24e9) if gpu else None,
         "loss_first": steps[0]["loss"] if steps else None, "loss_last": steps[-1]["loss"] if steps else None,
-        "train_seconds": summary["train_seconds"], "trainable_params": summary["trainable_params"],
+        "checkpointing": summary.get("checkpointing"), "train_seconds": summary["train_seconds"], "trainable_params": summary["trainable_params"],
         "gpu": torch.cuda.get_device_name(0) if gpu else "cpu", "versions": versions(),
         "per_step": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()
                       if k in ("step", "loss", "grad_norm", "tokens_per_s", "gpu_peak_reserved_gib")} for s in steps],

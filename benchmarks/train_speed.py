@@ -68,7 +68,11 @@ def parse_config(text: str) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------- child process
 
 def parse_system(spec: str) -> tuple[str, Optional[str], bool, list[str], list[str]]:
-    """``name[:change...]`` -> (backend, attention, one example per row, --off switches, --set overrides)."""
+    """``name[:change...]`` -> (backend, attention, one example per row, --off switches, --set overrides).
+
+    ``cap=24`` stands in for a 24 GB card (24e9 bytes): the process's CUDA memory fraction is capped
+    there (see :func:`cap_memory`) and ``train.gpu_memory_gb`` set to it.
+    """
     name, *changes = spec.split(":")
     backend, attn, one_doc = PROJECT[name]
     off, sets = [], []
@@ -78,9 +82,23 @@ def parse_system(spec: str) -> tuple[str, Optional[str], bool, list[str], list[s
             off.append(value)
         elif key == "attn":
             attn = value
+        elif key == "cap":
+            sets.append(f"train.gpu_memory_gb={float(value) * 1e9 / 2**30:.3f}")
         else:
             sets.append(change)
     return backend, attn, one_doc, off, sets
+
+
+def cap_memory(system: str) -> Optional[float]:
+    """Cap this process's CUDA memory at the system's ``cap=GB`` (decimal GB, as cards are sold); the cap."""
+    caps = [float(c.partition("=")[2]) for c in system.split(":")[1:] if c.startswith("cap=")]
+    if not caps:
+        return None
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, caps[-1] * 1e9 / total))
+    return caps[-1]
 
 
 def run_project(system: str, configs: list[str], a: argparse.Namespace) -> list[dict]:
@@ -95,6 +113,7 @@ def run_project(system: str, configs: list[str], a: argparse.Namespace) -> list[
         import_unsloth()
     import torch
 
+    cap_memory(system)
     rows = []
     for text in configs:
         seq, mb = parse_config(text)
@@ -107,7 +126,8 @@ def run_project(system: str, configs: list[str], a: argparse.Namespace) -> list[
             rows.append({"system": system, "seq": seq, "mb": mb, "tokens_per_s": r["tokens_per_s"], "mfu": r["mfu"],
                          "step_s": r["step_s"], "tokens_per_s_median": r["tokens_per_s_median"], "peak_reserved_gib": r["peak_reserved_gib"],
                          "peak_allocated_gib": r["peak_allocated_gib"], "loss_first": r["loss_first"],
-                         "loss_last": r["loss_last"], "attn": r["attn"], "step_ms": r["step_ms"]})
+                         "loss_last": r["loss_last"], "attn": r["attn"], "step_ms": r["step_ms"],
+                         "checkpointing": r.get("checkpointing")})
         except torch.cuda.OutOfMemoryError:
             rows.append({"system": system, "seq": seq, "mb": mb, "oom": True})
         except Exception as e:  # noqa: BLE001 - one failing config must not lose the others
@@ -128,8 +148,9 @@ def run_reference(system: str, configs: list[str], reference_dir: Path, timeout_
         if line.startswith("RESULT "):
             r = json.loads(line[len("RESULT "):])
             rows.append({"system": system, "seq": r["seq"], "mb": r["mb"], "oom": bool(r.get("oom")),
-                         "tokens_per_s": r.get("tok_per_s"), "tokens_per_s_median": r.get("tok_per_s"),
-                         "step_s": r.get("step_s"),
+                         "tokens_per_s": r.get("tok_per_s_window", r.get("tok_per_s")),
+                         "tokens_per_s_median": r.get("tok_per_s"), "step_s": r.get("step_s"),
+                         "step_ms": r.get("step_ms"),
                          "peak_reserved_gib": r.get("peak_reserved_gib"), "peak_allocated_gib": r.get("peak_gib")})
         elif line.startswith("OOM "):
             seq, mb = parse_config(line.split()[1])
@@ -151,18 +172,19 @@ def add_mfu(rows: list[dict]) -> None:
 def table(rows: list[dict]) -> str:
     """One line per (config, system): tokens/s, MFU, peak reserved, ratios to baseline and peer.
 
-    ``tokens/s`` is the project's window (all steps after the warm-up, synchronised at both ends);
-    ``median`` is the median step, the statistic the reference scripts print (for them both columns
-    hold their median). ``x peer`` and ``x baseline`` compare medians.
+    ``tokens/s`` is the window (the mean over all timed steps, what a whole job sees; the references
+    print it as ``tok_per_s_window``); ``median`` is the median step. ``x peer`` and ``x baseline``
+    compare windows. ``max/med`` is the slowest timed step over the median step, ``ckpt`` the layers
+    that recompute (of all) where the memory budget chose.
     """
     by = {(r["system"], r["seq"], r["mb"]): r for r in rows}
     systems = list(dict.fromkeys(r["system"] for r in rows))
     width = max([12] + [len(r["system"]) for r in rows])
     lines = [f"{'config':>8} {'system':>{width}} {'tokens/s':>9} {'median':>7} {'MFU':>6} {'reserved':>9} "
-             f"{'<=24GB':>6} {'x baseline':>10} {'x peer':>7}"]
+             f"{'<=24GB':>6} {'x baseline':>10} {'x peer':>7} {'max/med':>7} {'ckpt':>6}"]
     for seq, mb in sorted({(r["seq"], r["mb"]) for r in rows}):
-        base = by.get(("baseline", seq, mb), {}).get("tokens_per_s_median")
-        peer = by.get(("peer", seq, mb), {}).get("tokens_per_s_median")
+        base = by.get(("baseline", seq, mb), {}).get("tokens_per_s")
+        peer = by.get(("peer", seq, mb), {}).get("tokens_per_s")
         for system in systems:
             r = by.get((system, seq, mb))
             if r is None:
@@ -173,9 +195,13 @@ def table(rows: list[dict]) -> str:
                 continue
             tps, med, res = r["tokens_per_s"], r.get("tokens_per_s_median") or r["tokens_per_s"], r.get("peak_reserved_gib")
             fits = "yes" if res is not None and res * 2**30 <= 24e9 else "no"
+            steps_ms = sorted(r.get("step_ms") or [])
+            spike = steps_ms[-1] / steps_ms[len(steps_ms) // 2] if steps_ms else float("nan")
+            plan = r.get("checkpointing") or {}
+            ckpt = f"{plan['checkpointed']}/{plan['layers']}" if plan.get("layers") else "-"
             lines.append(f"{seq:>5}x{mb:<2} {system:>{width}} {tps:>9,.0f} {med:>7,.0f} {r.get('mfu') or 0:>6.1%} "
-                         f"{res or 0:>6.1f} GiB {fits:>6} {med / base if base else float('nan'):>10.2f} "
-                         f"{med / peer if peer else float('nan'):>7.2f}")
+                         f"{res or 0:>6.1f} GiB {fits:>6} {tps / base if base else float('nan'):>10.2f} "
+                         f"{tps / peer if peer else float('nan'):>7.2f} {spike:>7.2f} {ckpt:>6}")
     return "\n".join(lines)
 
 

@@ -155,7 +155,12 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     optimizer: str = _f("paged_adamw_8bit", "Optimiser name as transformers knows it (paged_adamw_8bit, adamw_torch, ...).")
-    gradient_checkpointing: bool = _f(True, "Recompute activations in backward (non-reentrant).")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward, on a CUDA GPU only in as many "
+                                            "decoder layers as train.gpu_memory_gb requires (measured before "
+                                            "training; see qloraflow.memory_budget).")
+    gpu_memory_gb: Optional[float] = _f(None, "GPU memory the job may use, in GiB: layers skip recomputation while "
+                                              "it allows. None: the card's memory (times the process's memory "
+                                              "fraction); 0: recompute every layer.")
     liger_kernel: bool = _f(False, "hf backend on CUDA: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused "
                                    "linear cross-entropy that never materialises the logits).")
     activation_offloading: bool = _f(False, "hf backend on CUDA: TRL's offloading of the checkpointed activations "
@@ -438,6 +443,8 @@ def validate(cfg: FinetuneConfig) -> list[str]:
         p.append(f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
     if t.max_grad_norm <= 0:
         p.append(f"'train.max_grad_norm' must be > 0, got {t.max_grad_norm}")
+    if t.gpu_memory_gb is not None and t.gpu_memory_gb < 0:
+        p.append(f"'train.gpu_memory_gb' must be >= 0 (GiB; 0: recompute every layer), got {t.gpu_memory_gb}")
     if t.preemption_grace_s <= 0:
         p.append(f"'train.preemption_grace_s' must be > 0 (seconds), got {t.preemption_grace_s}")
     if t.eval_steps < 0:

@@ -522,8 +522,9 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
     tracker.set_tags({"resumed_from": resume_from.name if resume_from else "none", "world_size": procs.num_processes})
 
     # run
-    t0 = time.time()
     finished = finished_state(resume_from)
+    checkpointing = budget_checkpointing(cfg, trainer, tokenizer) if finished is None else None
+    t0 = time.time()
     if finished is not None:
         # Killed after its last checkpoint, before the adapter was written: the Trainer would train
         # one step past max_steps when resumed there, so take the weights and state as they are.
@@ -534,6 +535,12 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         guard.raise_if_preempted(output_dir / "checkpoints")  # before the adapter: training is not finished
     seconds = time.time() - t0
+    if checkpointing is None and backend == "unsloth":
+        from qloraflow.memory_budget import unsloth_plan
+
+        checkpointing = unsloth_plan(trainer.model, cfg.train.gpu_memory_gb)
+    if checkpointing is not None:
+        tracker.set_tags({"checkpointed_layers": f"{checkpointing.checkpointed}/{checkpointing.layers}"})
 
     # save (under FSDP every rank takes part in gathering the adapter; rank 0 writes it)
     adapter_dir = output_dir / "adapter"
@@ -553,7 +560,7 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "compute_dtype": str(compute_dtype(cfg.model, cfg.train.use_cpu)).removeprefix("torch."),
         "world_size": procs.num_processes, "adapter_sha256": digests[0], "adapter_sha256_by_rank": digests,
-        **memory_metrics(),
+        **memory_metrics(), "checkpointing": checkpointing.as_dict() if checkpointing is not None else None,
     }
     summary["tokens_per_s"] = summary["tokens_seen"] / seconds if seconds and summary["tokens_seen"] else None
     del trainer, model
@@ -565,6 +572,28 @@ def train_adapter(cfg: FinetuneConfig, dataset_dir: str | os.PathLike, output_di
     tracker.log_metrics({name: summary[key] for key, name in SUMMARY_METRICS.items()
                          if isinstance(summary[key], (int, float)) and not math.isnan(summary[key])})
     return summary
+
+
+def budget_checkpointing(cfg: FinetuneConfig, trainer: Any, tokenizer: Any) -> Optional[Any]:
+    """On one CUDA GPU, checkpoint only the layers ``train.gpu_memory_gb`` requires (qloraflow.memory_budget).
+
+    Returns the plan (also kept at every step by a callback), or None where every set-up layer stays
+    checkpointed: no CUDA, CPU training, several processes, checkpointing off, or a budget of 0.
+    """
+    from qloraflow import memory_budget as mb
+
+    t = cfg.train
+    if (not t.gradient_checkpointing or t.use_cpu or not torch.cuda.is_available() or world_size() > 1
+            or t.gpu_memory_gb == 0 or resolve_backend(t.backend) == "unsloth"):  # Unsloth plans itself
+        return None
+    layers = mb.checkpointed_layers(trainer.model)
+    budget = t.gpu_memory_gb if t.gpu_memory_gb is not None else mb.card_memory_gib()
+    vocab = min(len(tokenizer), trainer.model.get_input_embeddings().num_embeddings)
+    batch = mb.probe_batch(trainer.data_collator, cfg.tokenize.sequence_len, t.micro_batch_size, vocab)
+    plan = mb.plan_checkpointing(trainer.model, layers, batch, budget, compute_dtype(cfg.model, t.use_cpu))
+    trainer.add_callback(mb.keep_plan_callback(layers, plan.checkpointed))
+    print(f"checkpointing: {plan.reason}", flush=True)
+    return plan
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -120,6 +120,24 @@ def use_flash_varlen_for_packed_rows() -> bool:
     return getattr(dispatch, "_TORCH_VARLEN_ATTN", None) is not None
 
 
+def checkpoint_skip_layers(cfg: FinetuneConfig) -> Any:
+    """Unsloth's ``checkpoint_skip_layers`` for ``train.gpu_memory_gb`` (see ``qloraflow.memory_budget``).
+
+    0 (every layer recomputes) when checkpointing is off or the budget is 0; otherwise ``"auto"``:
+    after the first step Unsloth keeps as many layers un-checkpointed as fit, within the process's
+    memory fraction, which a budget below the card's memory sets first.
+    """
+    import torch
+
+    t = cfg.train
+    if not t.gradient_checkpointing or t.gpu_memory_gb == 0 or not torch.cuda.is_available():
+        return 0
+    from qloraflow.memory_budget import cap_process_memory
+
+    cap_process_memory(t.gpu_memory_gb)
+    return "auto"
+
+
 def load_unsloth_model(cfg: FinetuneConfig) -> Any:
     """The base model with a fresh LoRA adapter, built by Unsloth's ``FastLanguageModel``.
 
@@ -146,6 +164,7 @@ def load_unsloth_model(cfg: FinetuneConfig) -> Any:
     use_flash_varlen_for_packed_rows()
     quantized = cfg.model.quantization == "4bit"
     checkpointing = "unsloth" if cfg.train.gradient_checkpointing else False
+    skip_layers = checkpoint_skip_layers(cfg)
     model, _tokenizer = FastLanguageModel.from_pretrained(
         model_name=cfg.model.base_model, revision=cfg.model.revision,
         # Packed rows are sequence_len long; the padding-free collator joins a micro-batch into one row,
@@ -160,6 +179,6 @@ def load_unsloth_model(cfg: FinetuneConfig) -> Any:
         model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules, bias=cfg.lora.bias, use_rslora=cfg.lora.use_rslora,
         use_dora=cfg.lora.use_dora, use_gradient_checkpointing=checkpointing, random_state=cfg.seed,
-        max_seq_length=cfg.tokenize.sequence_len)
+        max_seq_length=cfg.tokenize.sequence_len, checkpoint_skip_layers=skip_layers)
     model.config.use_cache = False
     return model
