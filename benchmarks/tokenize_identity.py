@@ -46,7 +46,7 @@ def make_records(n: int, seed: int) -> list[dict]:
         kind = rng.choice(["alpaca", "system", "multi", "thinking", "completion", "long"])
         msgs = [{"role": "system", "content": text(3, 10)}] if kind in ("system", "multi") else []
         for _ in range(rng.randint(2, 3) if kind in ("multi", "thinking") else 1):
-            answer = text(1, 40)
+            answer = rng.choice(["SELECT", "ok", "The"]) + " " + text(0, 40)
             if kind == "thinking":
                 answer = f"<think>\n{text(2, 12)}\n</think>\n\n{answer}"
             msgs += [{"role": "user", "content": text(1, 30)}, {"role": "assistant", "content": answer}]
@@ -65,7 +65,7 @@ def write_splits(folder: Path, seed: int) -> None:
     schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("format", pa.string()),
                         ("messages", pa.list_(message))])
     folder.mkdir(parents=True, exist_ok=True)
-    for k, (split, n) in enumerate({"train": 2600, "validation": 60, "test": 60}.items()):
+    for k, (split, n) in enumerate({"train": 2000, "validation": 60, "test": 60}.items()):
         pq.write_table(pa.Table.from_pylist(make_records(n, seed * 10 + k), schema=schema), folder / f"{split}.parquet")
 
 
