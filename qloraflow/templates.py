@@ -57,13 +57,51 @@ VARIANTS = {  # what records may add to the plain probe
 }
 
 
-def render(tokenizer: Any, template: str, messages: list[dict], generation_prompt: bool) -> str:
+def render(tokenizer: Any, template: str, messages: list, generation_prompt: bool) -> Any:
+    """The conversation rendered as text; a list of conversations gives a list of texts."""
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                          add_generation_prompt=generation_prompt)
 
 
+Renderings = tuple[list[str], dict[int, str]]  # one conversation's prefixes: without, and with the generation prompt
+
+
+def render_turns(tokenizer: Any, template: str, conversations: list[list[dict]]) -> Optional[list[Renderings]]:
+    """Every prefix rendering :func:`conversation_examples` reads, for many conversations in two calls.
+
+    Per conversation: ``messages[:i+1]`` rendered for every turn i, and ``messages[:i]`` with the
+    generation prompt for every assistant turn i. ``apply_chat_template`` renders a list of
+    conversations one by one, exactly as it renders each alone, so this is what one call per prefix
+    gives, without that call's fixed cost (the template's variables, the special tokens) paid per prefix.
+
+    Returns:
+        ``(fulls, prompts)`` per conversation, or None where a conversation cannot be rendered so
+        (an error, or a prompt of no messages, which ``apply_chat_template`` refuses alone but renders
+        in a list): :func:`conversation_examples` then renders each record itself, and raises as it does.
+    """
+    fulls_in, prompts_in = [], []
+    try:
+        for messages in conversations:
+            fulls_in += [messages[: i + 1] for i in range(len(messages))]
+            prompts_in += [messages[:i] for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not all(prompts_in):
+            return None
+        fulls = render(tokenizer, template, fulls_in, False) if fulls_in else []
+        prompts = render(tokenizer, template, prompts_in, True) if prompts_in else []
+    except Exception:  # noqa: BLE001 - the record-by-record path raises it again, naming the record
+        return None
+    out, f, p = [], 0, 0
+    for messages in conversations:
+        n = len(messages)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        out.append((fulls[f:f + n], dict(zip(turns, prompts[p:p + len(turns)]))))
+        f, p = f + n, p + len(turns)
+    return out
+
+
 def conversation_examples(tokenizer: Any, template: str, messages: list[dict], where: str,
-                          train_on: str = "completions") -> tuple[list[Example], str]:
+                          train_on: str = "completions", rendered: Optional[Renderings] = None,
+                          ) -> tuple[list[Example], str]:
     """Cut one conversation into training examples of ``(text, trained)`` slices.
 
     Args:
@@ -72,6 +110,7 @@ def conversation_examples(tokenizer: Any, template: str, messages: list[dict], w
         messages: the record's messages.
         where: the record, for errors (``data/train.jsonl:53``).
         train_on: ``completions`` (assistant turns only) or ``all`` (every slice trained).
+        rendered: the conversation's prefixes from :func:`render_turns`; rendered here when None.
 
     Returns:
         The examples and the method: ``append`` (one example) or ``per_turn`` (one per assistant
@@ -81,9 +120,11 @@ def conversation_examples(tokenizer: Any, template: str, messages: list[dict], w
     Raises:
         TemplateError: an assistant turn cannot be masked correctly; the message says why and what to do.
     """
-    fulls = [render(tokenizer, template, messages[: i + 1], False) for i in range(len(messages))]
-    prompts = {i: render(tokenizer, template, messages[:i], True)
-               for i, m in enumerate(messages) if m["role"] == "assistant"}
+    if rendered is None:
+        rendered = ([render(tokenizer, template, messages[: i + 1], False) for i in range(len(messages))],
+                    {i: render(tokenizer, template, messages[:i], True)
+                     for i, m in enumerate(messages) if m["role"] == "assistant"})
+    fulls, prompts = rendered
     if _first_rewrite(fulls, prompts) is None:
         example: Example = []
         done = ""

@@ -43,7 +43,7 @@ from qloraflow.config import TokenizeConfig
 from qloraflow.errors import TemplateError
 from qloraflow.shard import plan_tokenize_shards
 from qloraflow.splits import SPLITS
-from qloraflow.templates import conversation_examples, describe_masking
+from qloraflow.templates import Renderings, conversation_examples, describe_masking, render_turns
 
 IGNORE_INDEX = -100
 # The label of the first token of each example in a record's row that holds several (one per assistant
@@ -112,14 +112,15 @@ def ensure_pad_token(tokenizer: Any) -> Optional[str]:
             "(labels are masked by position, so EOS stays trained)")
 
 
-def record_examples(tokenizer: Any, template: str, record: dict,
-                    train_on: str = "completions") -> list[list[tuple[str, bool]]]:
+def record_examples(tokenizer: Any, template: str, record: dict, train_on: str = "completions",
+                    rendered: Optional[Renderings] = None) -> list[list[tuple[str, bool]]]:
     """Cut one record into training examples of ``(text, trained)`` slices.
 
     A chat record is one example when the template only appends, else one per assistant turn (see
     :func:`qloraflow.templates.conversation_examples`). The trained slices are each assistant turn's
     text plus the template's end-of-turn marker; the whitespace the template puts after it stays
-    untrained. ``format == "completion"`` trains on the raw text with no template.
+    untrained. ``format == "completion"`` trains on the raw text with no template. ``rendered``: the
+    record's prefixes from :func:`qloraflow.templates.render_turns` (rendered here when None).
 
     Raises:
         TemplateError: an assistant turn cannot be masked correctly; the message names the record and the fix.
@@ -130,32 +131,70 @@ def record_examples(tokenizer: Any, template: str, record: dict,
         bos = tokenizer.bos_token or ""
         return [[(bos, False), (text, True)] if bos else [(text, True)]]
     where = record.get("source") or f"record {record.get('id') or ''}".strip()
-    return conversation_examples(tokenizer, template, messages, where, train_on)[0]
+    return conversation_examples(tokenizer, template, messages, where, train_on, rendered)[0]
+
+
+def token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=False)["input_ids"]``, without what that call builds besides the ids.
+
+    A transformers fast tokenizer's call encodes the batch in Rust and then converts every encoding's
+    ids, attention mask and offsets into Python lists; only the ids are needed here, and the Rust
+    ``encode_batch_fast`` does not track offsets (the ids are the same: offsets do not take part in
+    encoding). The first text still goes through the call, which sets the backend as the call
+    encodes (no padding, no truncation, how special tokens split). A tokenizer class that encodes
+    otherwise (its own ``__call__`` or ``_encode_plus``), or a slow tokenizer, goes through the call.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if len(texts) < 2 or not hasattr(backend, "encode_batch_fast") or not _encodes_as_backend(type(tokenizer)):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    head = tokenizer(texts[:1], add_special_tokens=False)["input_ids"]
+    return head + [e.ids for e in backend.encode_batch_fast(texts[1:], add_special_tokens=False)]
+
+
+def _encodes_as_backend(cls: type) -> bool:
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    return (issubclass(cls, TokenizersBackend) and cls.__call__ is PreTrainedTokenizerBase.__call__
+            and cls._encode_plus is TokenizersBackend._encode_plus)
 
 
 def encode_records(records: list[dict], tokenizer: Any, template: str, train_on: str) -> list[dict]:
-    """Tokenize records into ``input_ids``/``labels``/``id``, one row per record. All slices go to the tokenizer in one call.
+    """Tokenize records into ``input_ids``/``labels``/``id``, one row per record.
 
-    A record cut into several examples keeps them back to back in its row, each starting with the
-    label :data:`EXAMPLE_START`; :func:`save_split` makes them rows of their own.
+    The records' prefixes are rendered in one batch (:func:`qloraflow.templates.render_turns`), and the
+    distinct slices of all records tokenized in one call (:func:`token_ids`). A record cut into several examples
+    keeps them back to back in its row, each starting with the label :data:`EXAMPLE_START`;
+    :func:`save_split` makes them rows of their own.
     """
-    per_record = [record_examples(tokenizer, template, r, train_on) for r in records]
-    flat = [text for examples in per_record for segs in examples for text, _ in segs]
-    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    chats = [i for i, r in enumerate(records) if r.get("format", "messages") != "completion"]
+    rendered: list[Optional[Renderings]] = [None] * len(records)
+    for i, turns in zip(chats, render_turns(tokenizer, template, [list(records[i]["messages"]) for i in chats]) or []):
+        rendered[i] = turns
+    per_record = [record_examples(tokenizer, template, r, train_on, turns) for r, turns in zip(records, rendered)]
+    # Each distinct slice once: the template's own slices (the generation prompt, the whitespace after a
+    # turn) recur in every record, and a text always encodes to the same ids.
+    texts = list(dict.fromkeys(text for examples in per_record for segs in examples for text, _ in segs))
+    ids_of = dict(zip(texts, token_ids(tokenizer, texts)))
     eos = tokenizer.eos_token_id
-    out, k = [], 0
+    out = []
     for record, examples in zip(records, per_record):
         row_ids: list[int] = []
         row_labels: list[int] = []
         for segs in examples:
             input_ids: list[int] = []
             labels: list[int] = []
-            for (_, trained), seg_ids in zip(segs, ids[k:k + len(segs)]):
+            trained_any = trained_eos = False
+            for text, trained in segs:
+                seg_ids = ids_of[text]
                 input_ids += seg_ids
-                labels += seg_ids if trained else [IGNORE_INDEX] * len(seg_ids)
-            k += len(segs)
-            trained = [t for t, l in zip(input_ids, labels) if l != IGNORE_INDEX]
-            if eos is not None and trained and eos not in trained:
+                if trained:
+                    labels += seg_ids
+                    trained_any = trained_any or bool(seg_ids)
+                    trained_eos = trained_eos or eos in seg_ids
+                else:
+                    labels += [IGNORE_INDEX] * len(seg_ids)
+            if eos is not None and trained_any and not trained_eos:
                 # The template ends turns with its own marker, or there is no template: teach EOS at the end.
                 input_ids.append(eos)
                 labels.append(eos)
