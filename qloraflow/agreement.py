@@ -14,7 +14,7 @@ how far below the merged model's top logit it is::
 
 Criterion: a served token passes when it is the float32 argmax, or its logit is within
 ``NEAR_TIE_ULPS`` units in the last place of the served dtype (at the top logit's magnitude) below
-the argmax's. A bf16 server rounds the final logits to that grid (0.125 at logits of 16-32), so two
+the argmax's (at least ``RELATIVE_FLOOR`` of that logit, for float32 servers). A bf16 server rounds the final logits to that grid (0.125 at logits of 16-32), so two
 tokens closer than a few steps of it can come out in either order on any bf16 implementation (the
 measured flips sat within 1.1 of them, see README "A real model on the CPU"); a served model with
 other weights (another adapter, the base instead of the merge, a wrong template or BOS) picks tokens
@@ -35,6 +35,10 @@ from qloraflow.precision import DTYPES, ulp
 NEAR_TIE_ULPS = 4.0
 """A served token may be this many units in the last place (of the served dtype, at the top logit)
 below the merged model's float32 choice; see the module docstring for why."""
+RELATIVE_FLOOR = 1e-4
+"""...or this fraction of the top logit's magnitude: a float32 server rounds its logits far more finely
+than its kernels, which sum in another order than HF's, agree (about 1e-6 to 1e-5 of a logit after 30
+layers), so its near-tie scale is set by that instead of by its ulp."""
 
 
 def served_dtype(serve_dtype: str, model_config: Mapping[str, Any]) -> str:
@@ -80,7 +84,7 @@ def check_answer(model: Any, tokenizer: Any, prompt_ids: Sequence[int], answer_i
                 "first_divergence": None}
     m = token_margins(model, prompt_ids, answer_ids)
     margin = m["top"] - m["answer"]
-    step = ulp(m["top"], DTYPES[dtype_name])
+    step = torch.maximum(ulp(m["top"], DTYPES[dtype_name]), RELATIVE_FLOOR / near_tie_ulps * m["top"].abs())
     ulps = margin / step
     differs = (m["top_id"] != torch.tensor(list(answer_ids))).nonzero().flatten().tolist()
     first = None
@@ -146,3 +150,47 @@ def load_reference(model_dir: str, device: Optional[str] = None) -> tuple[Any, A
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  device_map={"": device or accelerator()}).eval()
     return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def check_served_model(model_dir: str, serve_dtype: str, prompts: Mapping[str, str],
+                       served_ids: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """:func:`check_served_tokens` of a served model folder: loads it in float32, checks, frees it.
+
+    Args:
+        model_dir: The folder the server served (config, weights, tokenizer).
+        serve_dtype: ``serve.dtype`` as the server was given it (``auto``: the folder's saved dtype).
+        prompts: ``{record id: rendered prompt}``.
+        served_ids: ``{record id: served answer token ids}``; with none (the server gave no token ids)
+            the check does not pass and says why.
+    """
+    import json
+    from pathlib import Path
+
+    from qloraflow.precision import release_memory
+
+    dtype_name = served_dtype(serve_dtype, json.loads((Path(model_dir) / "config.json").read_text()))
+    if not served_ids:
+        return {"passed": False, "served_dtype": dtype_name, "n": 0, "failed": [], "answers": {},
+                "error": "the server returned no token ids (logprobs with return_tokens_as_token_ids)"}
+    model, tokenizer = load_reference(model_dir)
+    try:
+        return check_served_tokens(model, tokenizer, prompts, served_ids, dtype_name)
+    finally:
+        del model
+        release_memory()
+
+
+def annotate_mismatches(agreement: dict[str, Any], check: Mapping[str, Any]) -> dict[str, Any]:
+    """``compare_with_hf``'s mismatches, each with where the served answer left the merged model's choice.
+
+    Adds to every mismatch ``first_divergence`` (see :func:`check_answer`) and ``worst_margin_ulps``,
+    and to ``agreement`` ``near_tie_mismatches``: how many mismatching answers passed the token check.
+    """
+    answers = check.get("answers", {})
+    for m in agreement["mismatches"]:
+        a = answers.get(m["id"]) or {}
+        m["first_divergence"] = a.get("first_divergence")
+        m["worst_margin_ulps"] = a.get("worst_margin_ulps")
+    agreement["near_tie_mismatches"] = sum(bool((answers.get(m["id"]) or {}).get("passed"))
+                                           for m in agreement["mismatches"])
+    return agreement
