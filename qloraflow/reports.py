@@ -174,8 +174,22 @@ def deploy_html(report: dict[str, Any], questions: Sequence[str] = ()) -> str:
     answers = [{"question": q, "served answer": a}
                for q, a in zip(list(questions) or [""] * 10, (report.get("chat_answers") or [])[:10])]
     agreement = report.get("hf_agreement") or {}
-    return ("<h3>Deploy</h3>" + pairs_html({"smoke test": "passed" if report.get("passed") else "FAILED",
-                                            "answers equal to HF generate": agreement.get("share")})
+    tokens = report.get("served_tokens") or {}
+    smoke = report.get("smoke_passed", report.get("passed"))
+    # Each answer that differs from HF generate's: where the served one left the merged model's float32 choice.
+    differ = [{"id": m["id"], "position": (m.get("first_divergence") or {}).get("position"),
+               "served token": (m.get("first_divergence") or {}).get("served_token"),
+               "merged token": (m.get("first_divergence") or {}).get("merged_token"),
+               "margin (logits)": (m.get("first_divergence") or {}).get("margin"),
+               "worst margin (near-tie steps)": m.get("worst_margin_ulps")} for m in agreement.get("mismatches", [])]
+    return ("<h3>Deploy</h3>" + pairs_html({
+                "smoke test": "passed" if smoke else "FAILED",
+                "served tokens = merged model's choice up to near-ties": (
+                    None if not tokens else "yes" if tokens.get("passed") else f"NO: {tokens.get('failed')}"),
+                "worst served-token margin (near-tie steps; passes up to)": (
+                    None if not tokens else f"{tokens.get('worst_margin_ulps')} ({tokens.get('near_tie_ulps')})"),
+                "answers equal to HF generate": agreement.get("share")})
+            + ("<h4>Answers that differ from HF generate</h4>" + table_html(differ, list(differ[0])) if differ else "")
             + "<h4>Latency (seconds per request)</h4>" + pairs_html(latency_percentiles(report.get("latency") or {}))
             + "<h4>First answers</h4>" + table_html(answers, ["question", "served answer"] if questions
                                                      else ["served answer"]))

@@ -424,7 +424,8 @@ def smoke_test_server(
 
     Returns:
         ``{"passed": bool, "checks": {"chat"|"completion"|"stream"|"auth": {"passed", "error"}},
-        "chat_answers": [...], "chat_answers_by_id": {id: answer}, "completion_answers": [...], "stream_answer": str,
+        "chat_answers": [...], "chat_answers_by_id": {id: answer}, "chat_token_ids_by_id": {id: [token ids]},
+        "completion_answers": [...], "stream_answer": str,
         "latency": {"chat_s": [...], "completion_s": [...], "ttft_s", "stream_s",
         "stream_output_tokens", "output_tokens_per_s"}}``. A check passes when every answer is
         non-empty after ``strip()``; ``auth`` passes when requests without the key get 401 (see
@@ -442,14 +443,19 @@ def smoke_test_server(
     checks: dict[str, dict] = {}
     latency: dict[str, Any] = {"chat_s": [], "completion_s": []}
 
+    token_ids: list[Optional[list[int]]] = []
+
     def chat() -> list[str]:
         answers = []
         for messages in chats:
             t0 = time.perf_counter()
-            r = client.chat.completions.create(model=model_name, messages=messages,
-                                               temperature=0.0, max_tokens=max_tokens)
+            # The answer's token ids too (vLLM writes them as "token_id:<id>"), for check_served_tokens.
+            r = client.chat.completions.create(model=model_name, messages=messages, temperature=0.0,
+                                               max_tokens=max_tokens, logprobs=True,
+                                               extra_body={"return_tokens_as_token_ids": True})
             latency["chat_s"].append(time.perf_counter() - t0)
             answers.append(r.choices[0].message.content or "")
+            token_ids.append(_token_ids(r.choices[0].logprobs))
         _require_non_empty("chat", answers)
         return answers
 
@@ -480,10 +486,22 @@ def smoke_test_server(
         "checks": checks,
         "chat_answers": chat_answers,
         "chat_answers_by_id": dict(zip(chat_ids, chat_answers)),
+        "chat_token_ids_by_id": {i: t for i, t in zip(chat_ids, token_ids) if t is not None},
         "completion_answers": completion_answers,
         "stream_answer": stream_answer,
         "latency": latency,
     }
+
+
+def _token_ids(logprobs: Any) -> Optional[list[int]]:
+    """The answer's token ids from vLLM's logprobs with ``return_tokens_as_token_ids`` (None without them)."""
+    content = getattr(logprobs, "content", None)
+    if content is None:
+        return None
+    try:
+        return [int(t.token.removeprefix("token_id:")) for t in content]
+    except ValueError:  # a server that ignored return_tokens_as_token_ids
+        return None
 
 
 def unkeyed_status(url: str, body: Optional[dict] = None, timeout_s: float = 10.0) -> int:
