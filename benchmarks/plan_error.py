@@ -2,6 +2,7 @@
 
     python benchmarks/plan_error.py            # predicted vs measured, error per run, with plan.py's constants
     python benchmarks/plan_error.py --fit      # refit the free constants on the runs, print them and the error
+    python benchmarks/plan_error.py --loo      # each run predicted by constants fitted on the other runs
     python benchmarks/plan_error.py --json out.json
 
 Each run in the calibration file is a config plus overrides (``set``) and a model shape; the script builds
@@ -69,6 +70,11 @@ def errors(runs: list[dict[str, Any]], k: dict[str, float]) -> list[dict[str, An
     return out
 
 
+def leave_one_out(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run's errors under constants fitted without it: the error on a run the fit has not seen."""
+    return [errors([r], fit(runs[:i] + runs[i + 1:]))[0] for i, r in enumerate(runs)]
+
+
 def fit(runs: list[dict[str, Any]]) -> dict[str, float]:
     """Constants minimising the squared log errors (memory and speed fitted apart: they share none)."""
     import numpy as np
@@ -111,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calibration", default=str(CALIBRATION), help="runs file (default: %(default)s)")
     ap.add_argument("--fit", action="store_true", help="refit the free constants and print them")
+    ap.add_argument("--loo", action="store_true", help="leave-one-out: each run against a fit on the others")
     ap.add_argument("--json", help="write the per-run errors (and constants) here")
     args = ap.parse_args(argv)
     runs = load_runs(Path(args.calibration))
     k = fit(runs) if args.fit else dict(CONSTANTS)
     if args.fit:
         print("CONSTANTS = " + json.dumps(k, indent=1))
-    rows = errors(runs, k)
+    rows = leave_one_out(runs) if args.loo else errors(runs, k)
     print(report(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"constants": k, "runs": rows}, indent=1))

@@ -93,11 +93,13 @@ def _model_version(client: Any, name: str, version: str) -> Any:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from qloraflow.config import load_config, parse_overrides
+    from qloraflow.plan import check_fit
     from qloraflow.preflight import check_launch
 
     cfg = load_config(args.config, parse_overrides(args.set))
     if not args.config_only:
         check_launch(cfg, args.config)  # the files it names: data, base model, database
+        check_fit(cfg, args.config, args.gpu)  # the pipeline's first task runs the same check
     print(f"{args.config}: valid (config hash {cfg.hash()})")
     return 0
 
@@ -255,6 +257,7 @@ def _store_options() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from qloraflow import compare, deploy
+    from qloraflow.plan import GPUS
 
     ap = argparse.ArgumentParser(prog="qloraflow",
                                  description="Registry operations, deployment manifests, run comparison and "
@@ -269,15 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate a config: every problem at once",
                        description="Validate a config file and the files it names (data files exist and are "
                                    "UTF-8, a local base model's weights are complete, the SQLite database "
-                                   "exists) and print its hash; lists every problem at once.")
+                                   "exists) and that its predicted peak GPU memory fits --gpu (qloraflow plan), "
+                                   "and print its hash; lists every problem at once.")
     p.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting as the trainer's --set does, e.g. train.max_steps=5")
     p.add_argument("--config-only", action="store_true",
                    help="check the config's values only, not the files it names (data, model, database)")
+    p.add_argument("--gpu", choices=list(GPUS), default="a10g",
+                   help="refuse a config whose predicted peak memory does not fit this GPU (default: %(default)s, "
+                        "what the train task requests; see qloraflow plan)")
     p.set_defaults(fn=cmd_validate)
-
-    from qloraflow.plan import GPUS
 
     p = sub.add_parser("plan", help="predict peak GPU memory, tokens/s, time and cost before launching",
                        description="Predict a config's peak GPU memory, training tokens/s, time an epoch, GPU hours "
