@@ -1,4 +1,5 @@
-"""A plan before launch: predicted peak GPU memory, tokens/s, time and cost of a config's training.
+"""A plan before launch: predicted peak GPU memory, tokens/s, time and cost of a config's training
+(the train stage only: evaluation and the merge are not counted).
 
 An analytic model of one QLoRA training step, calibrated on measured runs
 (``benchmarks/plan_calibration.json``; ``python benchmarks/plan_error.py`` prints its error)::
@@ -82,6 +83,7 @@ CONSTANTS: dict[str, float] = {
     "overhead_gib": 0.524,                                   # allocator and workspaces
 }
 CUDA_CONTEXT_GIB = 0.5
+DDP_EFFICIENCY = 0.91   # tokens/s a GPU on 2 GPUs vs 1 (benchmarks/train_elastic.py --gpus 2, README)
 MASK_BYTES = 8.0        # bytes a (query, key) pair of an SDPA mask over a packed row, its temporaries included
 LOSS_TILE = 1024 * 32768 * 6  # a fused LM head's tile: bf16 logits and their fp32 statistics
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -175,6 +177,7 @@ class Workload:
 def workload(cfg: FinetuneConfig, example_tokens: Optional[float] = None) -> Workload:
     """The :class:`Workload` a config trains with (``train.backend: auto`` planned as ``unsloth``)."""
     targets = cfg.lora.target_modules
+    targets = [targets] if isinstance(targets, str) and targets != "all-linear" else targets
     targets = ALL_LINEAR if targets == "all-linear" else tuple(t for t in targets if t in ALL_LINEAR)
     backend = "unsloth" if cfg.train.backend in ("unsloth", "auto") else "hf"
     ckpt = cfg.train.gradient_checkpointing
@@ -241,6 +244,7 @@ def step_seconds(shape: ModelShape, w: Workload, gpu: GPU, k: dict[str, float] =
     out = {"matmul": matmul / (peak * k[f"matmul_eff.{w.backend}"]), "attention": attention / (peak * eff_attn),
            "dequantize": dequant, "fixed": k[f"micro_s.{w.backend}"]}
     out["total"] = sum(out.values())
+    out["tokens"] = T
     return out
 
 
@@ -339,8 +343,8 @@ class Plan:
 
     @property
     def tokens_per_s(self) -> float:
-        """Tokens (row slots) a second on one GPU."""
-        return self.workload.tokens / self.step["total"]
+        """Tokens (row slots, padding included) a second on one GPU."""
+        return self.step["tokens"] / self.step["total"]
 
     @property
     def hours(self) -> Optional[float]:
@@ -382,7 +386,13 @@ def plan_config(cfg: FinetuneConfig, gpu: str, *, shape: Optional[ModelShape] = 
             "not in the Hugging Face cache, Hub unreachable or gated); download it, or pass --model-config"])
     w = workload(cfg, data.example_tokens if data else None)
     g = GPUS[gpu]
-    plan = Plan(gpu=g, workload=w, memory=memory_gib(shape, w, constants), step=step_seconds(shape, w, g, constants),
+    timed = w  # unpacked rows are padded to the longest in each (length-grouped) batch, not to sequence_len
+    if data is not None and not w.packing and data.examples:
+        timed = replace(w, seq=min(w.seq, math.ceil(1.1 * data.tokens / data.examples)))
+    step = step_seconds(shape, timed, g, constants)
+    if cfg.train.num_gpus > 1:
+        step = {**step, "total": step["total"] / DDP_EFFICIENCY}
+    plan = Plan(gpu=g, workload=w, memory=memory_gib(shape, w, constants), step=step,
                 data=data, num_gpus=cfg.train.num_gpus, accumulation=cfg.train.gradient_accumulation_steps,
                 price_per_hour=g.price_per_hour if price_per_hour is None else price_per_hour)
     if cfg.train.backend == "auto":
@@ -393,7 +403,7 @@ def plan_config(cfg: FinetuneConfig, gpu: str, *, shape: Optional[ModelShape] = 
     if cfg.train.num_gpus > 1 and cfg.train.distributed != "ddp":
         plan.notes.append("train.distributed fsdp: weights are sharded, so memory is overestimated")
     if data is not None:
-        rows = data.rows or math.ceil(data.tokens / (w.seq * (0.97 if w.packing else 0.9)))
+        rows = data.rows or (math.ceil(data.tokens / (w.seq * 0.97)) if w.packing else data.examples)
         per_step = w.micro_batch * plan.accumulation * cfg.train.num_gpus
         plan.steps_per_epoch = max(1, math.ceil(rows / per_step))
         epochs = cfg.train.num_epochs
@@ -405,10 +415,14 @@ def plan_config(cfg: FinetuneConfig, gpu: str, *, shape: Optional[ModelShape] = 
 def suggestions(cfg: FinetuneConfig, gpu: str, shape: ModelShape, limit: int = 3) -> list[str]:
     """Single changes to ``cfg`` under which the plan fits ``gpu``, each with its predicted memory."""
     t, tried = cfg.train, []
-    if t.micro_batch_size > 1:
-        mb = t.micro_batch_size // 2
-        tried.append((f"train.micro_batch_size: {mb} (and gradient_accumulation_steps: "
-                      f"{t.gradient_accumulation_steps * t.micro_batch_size // mb})", "train.micro_batch_size", mb))
+    mb = t.micro_batch_size // 2
+    while mb >= 1:  # the largest micro-batch that fits, the optimiser step's size kept
+        changed = replace(cfg, train=replace(t, micro_batch_size=mb))
+        if plan_config(changed, gpu, shape=shape).fits or mb == 1:
+            tried.append((f"train.micro_batch_size: {mb} (and gradient_accumulation_steps: "
+                          f"{t.gradient_accumulation_steps * t.micro_batch_size // mb})", "train.micro_batch_size", mb))
+            break
+        mb //= 2
     if not t.gradient_checkpointing:
         tried.append(("train.gradient_checkpointing: true", "train.gradient_checkpointing", True))
     if cfg.model.attn_implementation in ("sdpa", "eager") and t.backend == "hf":
@@ -474,7 +488,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"data              {plan.data.tokens:,} train tokens in {plan.data.examples:,} examples "
                      f"({plan.data.source})")
         lines.append(f"time              {plan.epoch_hours:.2f} h an epoch ({plan.steps_per_epoch:,} optimiser steps); "
-                     f"{plan.hours:.2f} h for {plan.optimizer_steps:,} steps")
+                     f"{plan.hours:.2f} h of training for {plan.optimizer_steps:,} steps")
         lines.append(f"cost              {plan.gpu_hours:.2f} GPU hours x ${plan.price_per_hour:.2f} = "
                      f"${plan.cost:,.2f}")
     lines += [f"note: {n}" for n in plan.notes]
