@@ -120,7 +120,7 @@ class ModelShape:
                 "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
 
     @property
-    def layer_params(self) -> int:
+    def layer_params(self) -> int:  # quantised parameters of one decoder layer
         return sum(i * o for i, o in self.linears().values())
 
 
@@ -136,11 +136,9 @@ def read_model_shape(base_model: str, revision: Optional[str] = None) -> Optiona
         cached = try_to_load_from_cache(base_model, "config.json", revision=revision)
         if not isinstance(cached, str) and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", ""):
             cached = hf_hub_download(base_model, "config.json", revision=revision)
-        if isinstance(cached, str):
-            return ModelShape.from_config(json.loads(Path(cached).read_text()))
+        return ModelShape.from_config(json.loads(Path(cached).read_text())) if isinstance(cached, str) else None
     except Exception:  # noqa: BLE001 - gated, offline, not a Hub id: the plan says it cannot see the shape
         return None
-    return None
 
 
 @dataclass(frozen=True)
@@ -204,8 +202,8 @@ def memory_gib(shape: ModelShape, w: Workload, k: dict[str, float] = CONSTANTS) 
     n_lora = lora_params(shape, w)
     lora = n_lora * (4 + 4 + (2 if "8bit" in w.optimizer else 8))
     kv = shape.kv_heads * shape.head_dim
-    layer = 2 * (6 * d + 2 * kv + 4 * shape.intermediate) + (0 if w.liger else 2 * 4 * d)
-    layer -= 2 * shape.intermediate if w.liger else 0  # fused SwiGLU keeps no activation output
+    # Liger's fused RMSNorm keeps no fp32 inputs and its fused SwiGLU no activation output.
+    layer = 2 * (6 * d + 2 * kv + 4 * shape.intermediate) - (2 * shape.intermediate if w.liger else -2 * 4 * d)
     if w.lora_dropout > 0:
         layer += sum(shape.linears()[n][0] for n in w.lora_targets)
     working = k[f"working_sets.{w.backend}"] * layer * T
@@ -316,6 +314,7 @@ def data_tokens(cfg: FinetuneConfig, tokenized: Optional[str] = None) -> DataTok
 
 @dataclass
 class Plan:
+    """A config's predicted memory (GiB, by part), micro-batch time (s, by part), steps, hours and cost."""
     gpu: GPU
     workload: Workload
     memory: dict[str, float]
@@ -329,7 +328,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def reserved_gib(self) -> float:
+    def reserved_gib(self) -> float:  # what torch reserves at the peak
         return self.memory["reserved"]
 
     @property
@@ -346,19 +345,17 @@ class Plan:
         """Tokens (row slots, padding included) a second on one GPU."""
         return self.step["tokens"] / self.step["total"]
 
+    def _hours(self, steps: Optional[int]) -> Optional[float]:
+        return None if steps is None else steps * self.accumulation * self.step["total"] / 3600
+
     @property
     def hours(self) -> Optional[float]:
         """Wall-clock hours of the whole training (every GPU working at once)."""
-        if self.optimizer_steps is None:
-            return None
-        micro = self.optimizer_steps * self.accumulation
-        return micro * self.step["total"] / 3600
+        return self._hours(self.optimizer_steps)
 
     @property
     def epoch_hours(self) -> Optional[float]:
-        if self.steps_per_epoch is None:
-            return None
-        return self.steps_per_epoch * self.accumulation * self.step["total"] / 3600
+        return self._hours(self.steps_per_epoch)
 
     @property
     def gpu_hours(self) -> Optional[float]:
@@ -398,17 +395,15 @@ def plan_config(cfg: FinetuneConfig, gpu: str, *, shape: Optional[ModelShape] = 
     if cfg.train.backend == "auto":
         plan.notes.append("train.backend auto: planned as unsloth (CUDA with Unsloth installed); hf is slower")
     if cfg.train.use_cpu:
-        plan.notes.append("train.use_cpu: this config trains on the CPU; the numbers are what it would need on "
-                          f"a {gpu}")
+        plan.notes.append(f"train.use_cpu: this config trains on the CPU; the numbers are what a {gpu} would take")
     if cfg.train.num_gpus > 1 and cfg.train.distributed != "ddp":
         plan.notes.append("train.distributed fsdp: weights are sharded, so memory is overestimated")
     if data is not None:
         rows = data.rows or (math.ceil(data.tokens / (w.seq * 0.97)) if w.packing else data.examples)
         per_step = w.micro_batch * plan.accumulation * cfg.train.num_gpus
         plan.steps_per_epoch = max(1, math.ceil(rows / per_step))
-        epochs = cfg.train.num_epochs
         plan.optimizer_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(
-            plan.steps_per_epoch * epochs)
+            plan.steps_per_epoch * cfg.train.num_epochs)
     return plan
 
 
@@ -441,33 +436,41 @@ def suggestions(cfg: FinetuneConfig, gpu: str, shape: ModelShape, limit: int = 3
     return out[:limit]
 
 
-def fit_problems(cfg: FinetuneConfig, gpu: str, shape: Optional[ModelShape] = None) -> list[str]:
-    """Why ``cfg`` cannot train on the ``gpu`` the train task requests; [] when it fits, when it trains on
-    the CPU (``train.use_cpu``), or when the base model's shape cannot be read (nothing to check)."""
+def fit_check(cfg: FinetuneConfig, gpu: str, shape: Optional[ModelShape] = None) -> tuple[list[str], str]:
+    """Whether ``cfg`` can train on the ``gpu`` the train task requests: (problems, a line saying what was
+    checked). No problems when it fits, when it trains on the CPU (``train.use_cpu``), or when the base
+    model's shape cannot be read (nothing to check)."""
     if cfg.train.use_cpu:
-        return []
+        return [], "fit not checked: train.use_cpu trains on the CPU"
     shape = shape or read_model_shape(cfg.model.base_model, cfg.model.revision)
     if shape is None:
-        return []
+        return [], f"fit not checked: no config.json for {cfg.model.base_model} here"
     if cfg.train.backend == "auto":  # auto trains with hf where Unsloth is not installed: the larger of the two
         cfg = replace(cfg, train=replace(cfg.train, backend="hf"))
     p = plan_config(cfg, gpu, shape=shape)
+    line = f"predicted peak GPU memory {p.device_gib:.1f} GiB of the {gpu}'s {p.gpu.memory_gib:.1f} GiB"
     if p.fits:
-        return []
+        return [], line
     m = p.memory
     fixes = suggestions(cfg, gpu, shape) or ["a larger GPU (qloraflow plan CONFIG --gpu a100-40gb)"]
     return [f"'train': predicted peak GPU memory {p.device_gib:.1f} GiB (weights {m['weights']:.1f}, LoRA and "
             f"optimiser {m['lora_and_optimizer']:.1f}, activations {m['activations']:.1f}, attention mask "
             f"{m['attention_mask']:.1f}, overhead {m['overhead'] + m['logits']:.1f}, CUDA context "
             f"{CUDA_CONTEXT_GIB:.1f}) at {p.workload.seq} x {p.workload.micro_batch} tokens does not fit the "
-            f"{gpu} the train task requests ({p.gpu.memory_gib:.1f} GiB); change one of: " + "; ".join(fixes)]
+            f"{gpu} the train task requests ({p.gpu.memory_gib:.1f} GiB); change one of: " + "; ".join(fixes)], line
 
 
-def check_fit(cfg: FinetuneConfig, source: str, gpu: str) -> None:
-    """Raise a :class:`ConfigError` when :func:`fit_problems` finds any."""
-    problems = fit_problems(cfg, gpu)
+def fit_problems(cfg: FinetuneConfig, gpu: str, shape: Optional[ModelShape] = None) -> list[str]:
+    """The problems of :func:`fit_check`."""
+    return fit_check(cfg, gpu, shape)[0]
+
+
+def check_fit(cfg: FinetuneConfig, source: str, gpu: str) -> str:
+    """:func:`fit_check`'s line, or a :class:`ConfigError` with its problems."""
+    problems, line = fit_check(cfg, gpu)
     if problems:
         raise ConfigError(source, problems)
+    return line
 
 
 def format_plan(plan: Plan) -> str:

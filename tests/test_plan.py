@@ -14,8 +14,8 @@ import yaml
 
 from conftest import ROOT
 from qloraflow.config import load_config
-from qloraflow.plan import (GPUS, ModelShape, data_tokens, estimate_tokens, fit_problems, format_plan, plan_config,
-                            read_model_shape)
+from qloraflow.plan import (GPUS, ModelShape, check_fit, data_tokens, estimate_tokens, fit_problems, format_plan,
+                            plan_config, read_model_shape)
 
 A10G_CONFIG = ROOT / "configs" / "llama3-8b-qlora-a10g.yaml"
 CALIBRATION = json.loads((ROOT / "benchmarks" / "plan_calibration.json").read_text())
@@ -133,7 +133,8 @@ def test_the_first_task_refuses_a_config_that_cannot_fit_the_train_gpu(tmp_path)
     assert cli("validate", str(path), "--gpu", "h200").returncode == 0
 
     # Negative controls: the config's own micro-batch fits; the same shape on the CPU is never refused.
-    assert fit_problems(load_config(path, {"train.micro_batch_size": 2}), "a10g") == []
+    assert check_fit(load_config(path, {"train.micro_batch_size": 2}), str(path), "a10g") == (
+        "predicted peak GPU memory 16.7 GiB of the a10g's 22.2 GiB")  # the line the first task prints
     assert fit_problems(load_config(path, {"train.use_cpu": True}), "a10g") == []
     assert fit_problems(load_config(path), "h200") == []
     # A Hub model whose config.json cannot be read offline is left to the download, not refused.
