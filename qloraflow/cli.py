@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from qloraflow.errors import QloraflowError, RegistryError, TrackingError
+from qloraflow.errors import DataValidationError, QloraflowError, RegistryError, TrackingError
 
 
 class _SubcommandParser(argparse.ArgumentParser):
@@ -113,7 +113,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.model_config:
         path = Path(args.model_config)
         shape = ModelShape.from_config(json.loads((path / "config.json" if path.is_dir() else path).read_text()))
-    data = None if args.no_data else data_tokens(cfg, args.tokenized)
+    try:
+        data = None if args.no_data else data_tokens(cfg, args.tokenized)
+    except (DataValidationError, OSError) as e:
+        raise DataValidationError(f"{e}; or plan memory and speed alone with --no-data") from e
     plan = plan_config(cfg, args.gpu, shape=shape, data=data, price_per_hour=args.price_per_hour)
     if args.json:
         print(json.dumps({"gpu": plan.gpu.name, "fits": plan.fits, "peak_gib": round(plan.device_gib, 2),

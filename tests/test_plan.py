@@ -155,6 +155,8 @@ def test_plan_command(tmp_path, tiny_tokenized):
     assert too_big.returncode == 1, too_big.stderr
     out = json.loads(too_big.stdout)
     assert out["fits"] is False and out["peak_gib"] > 22.19 and out["memory_gib"]["attention_mask"] > 1
+    no_data = cli(*base)  # the config's data/train.jsonl is not in the checkout
+    assert no_data.returncode == 2 and "data/train.jsonl" in no_data.stderr and "--no-data" in no_data.stderr
     unknown = cli("plan", str(A10G_CONFIG), "--gpu", "v100")
     assert unknown.returncode == 2 and "invalid choice: 'v100'" in unknown.stderr
     hub = cli("plan", str(A10G_CONFIG), "--no-data")  # meta-llama/... is not on this machine
