@@ -1,6 +1,7 @@
 """The ``qloraflow`` command: registry operations, deployment manifests, run comparison, config checks.
 
     qloraflow validate configs/tiny.yaml
+    qloraflow plan configs/llama3-8b-qlora-a10g.yaml --gpu a10g [--price-per-hour 1.0]
     qloraflow models --name tiny-sql [--json]
     qloraflow promote --name tiny-sql --version 3 [--force]
     qloraflow rollback --name tiny-sql
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from qloraflow.errors import QloraflowError, RegistryError, TrackingError
+from qloraflow.errors import DataValidationError, QloraflowError, RegistryError, TrackingError
 
 
 class _SubcommandParser(argparse.ArgumentParser):
@@ -92,13 +93,42 @@ def _model_version(client: Any, name: str, version: str) -> Any:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from qloraflow.config import load_config, parse_overrides
+    from qloraflow.plan import check_fit
     from qloraflow.preflight import check_launch
 
     cfg = load_config(args.config, parse_overrides(args.set))
     if not args.config_only:
         check_launch(cfg, args.config)  # the files it names: data, base model, database
+        check_fit(cfg, args.config, args.gpu)  # the pipeline's first task runs the same check
     print(f"{args.config}: valid (config hash {cfg.hash()})")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from qloraflow.config import load_config, parse_overrides
+    from qloraflow.plan import ModelShape, data_tokens, format_plan, plan_config
+
+    cfg = load_config(args.config, parse_overrides(args.set))
+    shape = None
+    if args.model_config:
+        path = Path(args.model_config)
+        shape = ModelShape.from_config(json.loads((path / "config.json" if path.is_dir() else path).read_text()))
+    try:
+        data = None if args.no_data else data_tokens(cfg, args.tokenized)
+    except (DataValidationError, OSError) as e:
+        raise DataValidationError(f"{e}; or plan memory and speed alone with --no-data") from e
+    plan = plan_config(cfg, args.gpu, shape=shape, data=data, price_per_hour=args.price_per_hour)
+    if args.json:
+        print(json.dumps({"gpu": plan.gpu.name, "fits": plan.fits, "peak_gib": round(plan.device_gib, 2),
+                          "memory_gib": {k: round(v, 3) for k, v in plan.memory.items()},
+                          "tokens_per_s": round(plan.tokens_per_s), "step_s": {k: round(v, 4) for k, v in plan.step.items()},
+                          "steps_per_epoch": plan.steps_per_epoch, "optimizer_steps": plan.optimizer_steps,
+                          "epoch_hours": plan.epoch_hours, "hours": plan.hours, "gpu_hours": plan.gpu_hours,
+                          "price_per_hour": plan.price_per_hour, "cost": plan.cost,
+                          "data": None if data is None else vars(data), "notes": plan.notes}, indent=1))
+    else:
+        print(format_plan(plan))
+    return 0 if plan.fits else 1
 
 
 def _short_source(source: Optional[str]) -> str:
@@ -230,6 +260,7 @@ def _store_options() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from qloraflow import compare, deploy
+    from qloraflow.plan import GPUS
 
     ap = argparse.ArgumentParser(prog="qloraflow",
                                  description="Registry operations, deployment manifests, run comparison and "
@@ -244,13 +275,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate a config: every problem at once",
                        description="Validate a config file and the files it names (data files exist and are "
                                    "UTF-8, a local base model's weights are complete, the SQLite database "
-                                   "exists) and print its hash; lists every problem at once.")
+                                   "exists) and that its predicted peak GPU memory fits --gpu (qloraflow plan), "
+                                   "and print its hash; lists every problem at once.")
     p.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting as the trainer's --set does, e.g. train.max_steps=5")
     p.add_argument("--config-only", action="store_true",
                    help="check the config's values only, not the files it names (data, model, database)")
+    p.add_argument("--gpu", choices=list(GPUS), default="a10g",
+                   help="refuse a config whose predicted peak memory does not fit this GPU (default: %(default)s, "
+                        "what the train task requests; see qloraflow plan)")
     p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("plan", help="predict peak GPU memory, tokens/s, time and cost before launching",
+                       description="Predict a config's peak GPU memory, training tokens/s, time an epoch, GPU hours "
+                                   "and cost on one GPU kind, from the base model's config.json and the data's "
+                                   "token counts (qloraflow/plan.py; its error against measured runs: "
+                                   "benchmarks/plan_error.py). Exits 1 when the config does not fit the GPU.")
+    p.add_argument("config", help="YAML config, e.g. configs/llama3-8b-qlora-a10g.yaml")
+    p.add_argument("--gpu", choices=list(GPUS), default="a10g",
+                   help="GPU kind (default: %(default)s, what the pipeline's train task requests)")
+    p.add_argument("--price-per-hour", type=float, default=None, metavar="USD",
+                   help="price of one GPU an hour (default: the GPU table's on-demand price)")
+    p.add_argument("--tokenized", metavar="DIR", default=None,
+                   help="the tokenize stage's output folder (or its report.json) for exact token counts; "
+                        "default: estimated from data.train_files")
+    p.add_argument("--no-data", action="store_true", help="memory and tokens/s only: read no data files")
+    p.add_argument("--model-config", metavar="PATH", default=None,
+                   help="the base model's config.json (or its folder) when model.base_model is a Hub id not in "
+                        "the local cache")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. train.micro_batch_size=1")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("models", parents=[store], help="list registered versions; * marks the champion",
                        description="List a registered model's versions: * marks the champion, with the gate "

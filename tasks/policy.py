@@ -35,6 +35,11 @@ SERVE_IMAGE = f"{REGISTRY}/serve-vllm:{IMAGE_TAG}"
 DATA_RESOURCES = Resources(cpu="2", mem="8Gi")
 TRAIN_RESOURCES = Resources(cpu="8", mem="48Gi", gpu="1")
 TRAIN_ACCELERATOR = A10G
+# The row of qloraflow.plan.GPUS that TRAIN_ACCELERATOR is: the first task refuses a config whose
+# predicted peak memory does not fit it (qloraflow.plan.check_fit), before any GPU is requested.
+PLAN_GPUS = {"nvidia-a10g": "a10g", "nvidia-l4": "l4", "nvidia-tesla-a100": "a100-40gb",
+             "nvidia-a100-80gb": "a100-80gb", "nvidia-h100": "h100", "nvidia-h200": "h200"}
+TRAIN_GPU = PLAN_GPUS[TRAIN_ACCELERATOR.to_flyte_idl().device]
 EVAL_RESOURCES = Resources(cpu="4", mem="32Gi", gpu="1")  # evaluate and merge, with TRAIN_ACCELERATOR
 SERVE_RESOURCES = Resources(cpu="4", mem="32Gi", gpu="1")
 

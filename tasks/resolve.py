@@ -17,6 +17,7 @@ from flytekit.types.file import FlyteFile
 from qloraflow.config import load_config
 from qloraflow.data import content_hash
 from qloraflow.errors import ConfigError
+from qloraflow.plan import check_fit
 from qloraflow.preflight import check_launch
 from qloraflow.stages import (DataSettings, DeploySettings, EvalSettings, ExecutionSettings, MergeSettings,
                               RegisterSettings, RunContext, TokenizeSettings, TrainSettings, stage_settings)
@@ -112,6 +113,7 @@ def resolve_config(config: FlyteFile) -> Resolved:
         raise ConfigError(config.path, [f"'train.num_gpus' is {cfg.train.num_gpus}; the train tasks run on 1 or "
                                         f"{', '.join(map(str, policy.MULTI_GPU_COUNTS))} GPUs of one node"])
     check_launch(cfg, config.path)  # missing files and incomplete weights fail here, each naming its key
+    fit = check_fit(cfg, config.path, policy.TRAIN_GPU)  # a config that cannot fit the train task's GPU fails here
     check_reachable(resolve_tracking_uri(cfg.tracking.tracking_uri))
     d = cfg.to_dict()
     fp = input_fingerprints(cfg)
@@ -126,7 +128,8 @@ def resolve_config(config: FlyteFile) -> Resolved:
     flat = {f"{sec}.{k}": v for sec, vals in d.items() if isinstance(vals, dict) for k, v in vals.items()}
     tracker.log_params({**flat, "name": cfg.name, "seed": cfg.seed})
     tracker.log_dict(d, "config.json")
-    print_line("resolve", f"config {cfg.name} valid; data {fp['data'][:12]}; MLflow run {name} ({tracker.run_id})")
+    print_line("resolve", f"config {cfg.name} valid; {fit}; data {fp['data'][:12]}; MLflow run {name} "
+                          f"({tracker.run_id})")
     context = RunContext(pipeline_run_id=tracker.run_id, name=cfg.name, experiment=cfg.tracking.experiment,
                          tracking_uri=cfg.tracking.tracking_uri, run_name=name, tags=tags)
     return Resolved(**settings._asdict(), context=context, num_gpus=cfg.train.num_gpus,
