@@ -282,6 +282,30 @@ class MlflowTracker:
                 self._buffer = None
 
 
+def end_run(experiment: str, tracking_uri: Optional[str], run_id: str, status: str, tags: dict[str, Any],
+            fallback_dir: str | os.PathLike) -> None:
+    """End a run that another process opened (a pipeline's run, from the stage that failed), with ``tags``.
+
+    Live when the server answers; otherwise the tags and the end go to a buffer under ``fallback_dir``,
+    which the next tracker on that URI or ``qloraflow tracking replay`` replays, so the run does not
+    stay RUNNING because the server was down at the moment the pipeline failed.
+    """
+    try:
+        tracker = MlflowTracker(experiment, tracking_uri, run_id=run_id, fallback_dir=fallback_dir)
+    except Exception as e:  # noqa: BLE001 - unreachable (TrackingError) or lost while reopening the run
+        uri = resolve_tracking_uri(tracking_uri)
+        buffer = Buffer.create(Path(fallback_dir) / "mlflow-buffer", uri, run_id)
+        buffer.append("tags", {k: str(v) for k, v in tags.items()})
+        buffer.append("end", {"status": status, "end_time": int(time.time() * 1000)})
+        buffer.release()
+        print(f"[qloraflow] MLflow at {uri} is unreachable ({type(e).__name__}): run {run_id} ends {status} when "
+              f"{buffer.folder} is replayed: by the next stage, or: qloraflow tracking replay {buffer.folder}",
+              flush=True)
+        return
+    tracker.set_tags(tags)
+    tracker.close(status)
+
+
 def replay_pending(folder: Optional[str | os.PathLike] = None, tracking_uri: Optional[str] = None,
                    client: Any = None, only_uri: Optional[str] = None) -> list[ReplayResult]:
     """Replay the buffers under ``folder`` (every buffer below it), else those the pending folder names.

@@ -12,7 +12,7 @@ from flytekit.deck.deck import TimeLineDeck
 from flytekit.types.directory import FlyteDirectory
 
 from qloraflow.stages import RunContext
-from qloraflow.tracking import MlflowTracker
+from qloraflow.tracking import MlflowTracker, end_run
 from tasks import policy
 
 
@@ -74,16 +74,14 @@ def will_retry(e: BaseException) -> bool:
 def fail_pipeline_run(context: RunContext, stage: str, error: str) -> None:
     """End the pipeline's MLflow run FAILED, with the stage that failed and its error as tags.
 
-    A later successful attempt of the pipeline's last task (``register_and_promote``) reopens the run and
-    ends it FINISHED. Never raises: the stage's own error is what the user must see.
+    With the server down, the end is buffered (``qloraflow.tracking.end_run``) and replayed later.
+    Never raises: the stage's own error is what the user must see.
     """
     if not context.pipeline_run_id:
         return
     try:
-        pipeline = MlflowTracker(context.experiment, context.tracking_uri, run_id=context.pipeline_run_id,
-                                 fallback_dir=work_dir("pipeline-run"))
-        pipeline.set_tags({"qloraflow.failed_stage": stage, "qloraflow.error": error})
-        pipeline.close("FAILED")
+        end_run(context.experiment, context.tracking_uri, context.pipeline_run_id, "FAILED",
+                {"qloraflow.failed_stage": stage, "qloraflow.error": error}, work_dir("pipeline-run"))
     except Exception as e:  # noqa: BLE001 - tracking trouble must not hide the stage's error
         print(f"[qloraflow] WARNING: could not end the pipeline run {context.pipeline_run_id} FAILED "
               f"({type(e).__name__}: {e})", flush=True)

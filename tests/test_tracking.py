@@ -19,7 +19,7 @@ import pytest
 
 from conftest import ROOT, free_port, tiny_config, wait_http
 from qloraflow.errors import TrackingError
-from qloraflow.tracking import MlflowTracker
+from qloraflow.tracking import MlflowTracker, end_run
 from qloraflow.tracking_buffer import BUFFERS_TAG, DEGRADED_TAG
 from qloraflow.train import train_adapter
 
@@ -89,6 +89,13 @@ def _download(uri, run_id, path, dst):
                                                     tracking_uri=uri))
 
 
+def _dataset_input():
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return DatasetInput(Dataset(name="t-train", digest="abc123", source_type="local", source='{"uri": "train.parquet"}',
+                                profile='{"num_rows": 2}'), tags=[InputTag("mlflow.data.context", "training")])
+
+
 def _log_everything(tracker, tmp_path):
     """One of each kind, the files deleted right after logging: only the buffer's copies remain."""
     payload = os.urandom(50_000)
@@ -102,6 +109,7 @@ def _log_everything(tracker, tmp_path):
     tracker.log_artifact(tmp_path / "adapter", "adapter")
     tracker.log_dict({"kept": [1, 2], "nested": {"a": "b"}}, "report/summary.json")
     tracker.log_table({"question": ["q1", "q2"], "score": [1.0, 0.5]}, "eval_samples.json")
+    tracker.log_inputs([_dataset_input()])
     (tmp_path / "report.bin").unlink()
     (tmp_path / "adapter" / "weights.bin").unlink()
     return payload
@@ -117,6 +125,10 @@ def _assert_everything_there(uri, run_id, payload, tmp_path):
                                                                                           "nested": {"a": "b"}}
     table = json.loads(_download(uri, run_id, "eval_samples.json", got).read_text())
     assert table["columns"] == ["question", "score"] and table["data"] == [["q1", 1.0], ["q2", 0.5]]
+    (logged,) = run.inputs.dataset_inputs
+    assert (logged.dataset.name, logged.dataset.digest, logged.dataset.profile) == ("t-train", "abc123",
+                                                                                    '{"num_rows": 2}')
+    assert {t.key: t.value for t in logged.tags} == {"mlflow.data.context": "training"}
     return run
 
 
@@ -162,8 +174,8 @@ def test_server_killed_mid_run_loses_nothing_and_close_replays_it(server, tmp_pa
     tracker.close()
     run = _assert_everything_there(server.uri, tracker.run_id, payload, tmp_path)
     assert run.info.status == "FINISHED"
-    assert run.data.tags[DEGRADED_TAG] == ("replayed: buffered 7 (artifact 2, dict 1, metrics 1, params 1, table 1, "
-                                           "tags 1), replayed 7, rejected 0, pending 0")
+    assert run.data.tags[DEGRADED_TAG] == ("replayed: buffered 8 (artifact 2, dict 1, inputs 1, metrics 1, params 1, "
+                                           "table 1, tags 1), replayed 8, rejected 0, pending 0")
     assert json.loads(run.data.tags[BUFFERS_TAG])[buffered.name]["pending"] == {}
     assert not buffered.exists() and not list(pending.glob("*.json"))
 
@@ -174,6 +186,7 @@ def test_server_down_at_close_the_next_stage_or_the_replay_command_ends_the_run(
     failed = MlflowTracker("outage", server.uri, run_name="failed-stage", fallback_dir=tmp_path / "a")
     monkeypatch.setenv("QLORAFLOW_TRACKING_PENDING", str(tmp_path / "pending-b"))
     finished = MlflowTracker("outage", server.uri, run_name="finished-stage", fallback_dir=tmp_path / "b")
+    pipeline = MlflowTracker("outage", server.uri, run_name="pipeline", fallback_dir=tmp_path / "p")
     server.kill()
     monkeypatch.setenv("QLORAFLOW_TRACKING_PENDING", str(tmp_path / "pending-a"))
     (tmp_path / "x").mkdir()
@@ -182,6 +195,8 @@ def test_server_down_at_close_the_next_stage_or_the_replay_command_ends_the_run(
     monkeypatch.setenv("QLORAFLOW_TRACKING_PENDING", str(tmp_path / "pending-b"))
     finished.log_metrics({"loss": 0.5}, step=3)
     finished.close()
+    # The pipeline's run ended from another process (a failed stage) while the server is down: buffered too.
+    end_run("outage", server.uri, pipeline.run_id, "FAILED", {"qloraflow.failed_stage": "tokenize"}, tmp_path / "p")
     server.up()
     client = _client(server.uri)
     assert client.get_run(failed.run_id).info.status == "RUNNING"  # the fault: nothing has ended them yet
@@ -192,6 +207,8 @@ def test_server_down_at_close_the_next_stage_or_the_replay_command_ends_the_run(
     run = client.get_run(finished.run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 0.5
     assert run.data.tags[DEGRADED_TAG].startswith("replayed: buffered 1 (metrics 1)")
+    ended = client.get_run(pipeline.run_id)
+    assert ended.info.status == "FAILED" and ended.data.tags["qloraflow.failed_stage"] == "tokenize"
     assert client.get_run(failed.run_id).info.status == "RUNNING"  # its pointer is elsewhere
 
     # The other buffer by its folder (as from a remote task's downloaded outputs), with the real command.
@@ -199,7 +216,7 @@ def test_server_down_at_close_the_next_stage_or_the_replay_command_ends_the_run(
                          capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stdout + out.stderr
-    assert f"run {failed.run_id}: replayed: buffered 7" in out.stdout and "run ended FAILED" in out.stdout
+    assert f"run {failed.run_id}: replayed: buffered 8" in out.stdout and "run ended FAILED" in out.stdout
     run = _assert_everything_there(server.uri, failed.run_id, payload, tmp_path)
     assert run.info.status == "FAILED" and run.data.tags[DEGRADED_TAG].endswith("pending 0")
     assert not list((tmp_path / "a").rglob("records.jsonl")) and not list((tmp_path / "pending-a").glob("*"))
