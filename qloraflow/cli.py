@@ -7,6 +7,7 @@
     qloraflow rollback --name tiny-sql
     qloraflow deploy --target k8s --model-uri models:/tiny-sql@champion --version 3 --dry-run
     qloraflow compare --experiment qloraflow-demo
+    qloraflow tracking replay [FOLDER]
 
 Every subcommand has its own ``-h``. The registry commands and ``compare`` use ``--tracking-uri``
 (before or after the subcommand), else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``. Each is
@@ -246,6 +247,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return run_compare(args)
 
 
+def cmd_tracking_replay(args: argparse.Namespace) -> int:
+    from qloraflow.tracking import replay_command
+
+    return replay_command(args.folder, args.tracking_uri or args.global_tracking_uri)
+
+
 # ---------------------------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description=compare.DESCRIPTION)
     compare.add_compare_arguments(p)
     p.set_defaults(fn=cmd_compare)
+
+    # tracking replay: what an MLflow outage buffered (qloraflow.tracking_buffer) sent to the server now.
+    p = sub.add_parser("tracking", help="MLflow tracking buffers: replay what an outage kept",
+                       description="Work with the buffers a tracker writes while MLflow is unreachable.")
+    actions = p.add_subparsers(dest="tracking_action", metavar="ACTION", required=True,
+                               parser_class=_SubcommandParser)
+    r = actions.add_parser("replay", parents=[store], help="send the pending buffers to the server, in order",
+                           description="Replay pending MLflow buffers in order and end their runs with the status "
+                                       "they closed with. --tracking-uri replays into another address of the store "
+                                       "(default: the URI each buffer was written for).")
+    r.add_argument("folder", nargs="?", default=None,
+                   help="a folder holding buffers, searched below (default: every pending buffer of this machine)")
+    r.set_defaults(fn=cmd_tracking_replay)
     return ap
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from flytekit import Deck, current_context
 from flytekit.deck.deck import TimeLineDeck
 from flytekit.types.directory import FlyteDirectory
 
 from qloraflow.stages import RunContext
-from qloraflow.tracking import MlflowTracker
+from qloraflow.tracking import MlflowTracker, end_run
+from tasks import policy
 
 
 def execution_id() -> str:
@@ -34,17 +35,56 @@ def stage_tracker(context: RunContext, stage: str, run_id: Optional[str] = None,
 
 
 @contextmanager
-def stage_run(context: RunContext, stage: str, **kw) -> Iterator[MlflowTracker]:  # noqa: ANN003
+def stage_run(context: RunContext, stage: str, reports: Iterable[Path] = (),
+              **kw) -> Iterator[MlflowTracker]:  # noqa: ANN003
     """A stage's MLflow run around its work: started before it, ended FINISHED after it, or FAILED
-    (with the error as the ``qloraflow.error`` tag) when the work raises, so no run is left RUNNING."""
+    when the work raises, so no run is left RUNNING.
+
+    On a failure the stage's run gets the error as the ``qloraflow.error`` tag and the ``reports``
+    that exist (a failed data stage's quarantine and report say why it failed), and the pipeline's run
+    is ended FAILED too, naming the stage, unless Flyte will retry the task (``fail_pipeline_run``).
+    """
     tracker = stage_tracker(context, stage, **kw)
     try:
         yield tracker
     except BaseException as e:
-        tracker.set_tags({"qloraflow.error": f"{type(e).__name__}: {e}"[:4000]})
+        error = f"{type(e).__name__}: {e}"[:4000]
+        for path in reports:
+            if Path(path).exists():
+                tracker.log_artifact(path, stage)
+        tracker.set_tags({"qloraflow.error": error})
         tracker.close("FAILED")
+        if not will_retry(e):
+            fail_pipeline_run(context, stage, error)
         raise
     tracker.close()
+
+
+def will_retry(e: BaseException) -> bool:
+    """True when Flyte runs this task again after ``e``: a recoverable error before the last attempt.
+
+    On a cluster ``FLYTE_ATTEMPT_NUMBER`` counts attempts from 0; a local run has no retries.
+    """
+    from flytekit.exceptions.user import FlyteRecoverableException
+
+    attempt = os.environ.get("FLYTE_ATTEMPT_NUMBER")
+    return isinstance(e, FlyteRecoverableException) and attempt is not None and int(attempt) < policy.RETRIES
+
+
+def fail_pipeline_run(context: RunContext, stage: str, error: str) -> None:
+    """End the pipeline's MLflow run FAILED, with the stage that failed and its error as tags.
+
+    With the server down, the end is buffered (``qloraflow.tracking.end_run``) and replayed later.
+    Never raises: the stage's own error is what the user must see.
+    """
+    if not context.pipeline_run_id:
+        return
+    try:
+        end_run(context.experiment, context.tracking_uri, context.pipeline_run_id, "FAILED",
+                {"qloraflow.failed_stage": stage, "qloraflow.error": error}, work_dir("pipeline-run"))
+    except Exception as e:  # noqa: BLE001 - tracking trouble must not hide the stage's error
+        print(f"[qloraflow] WARNING: could not end the pipeline run {context.pipeline_run_id} FAILED "
+              f"({type(e).__name__}: {e})", flush=True)
 
 
 def local_folder(folder: FlyteDirectory) -> str:

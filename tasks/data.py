@@ -89,7 +89,8 @@ def _tracked(context: RunContext, settings: DataSettings, out: Path,
              prepare: typing.Callable[[], dict]) -> DataOutput:
     """Run the stage under its MLflow run: the counts as metrics, the per-source counts, report and
     quarantine as artifacts, the splits as the run's datasets; the report as a Deck."""
-    with stage_run(context, "data") as tracker:
+    # A failed stage (too many rejects) still logs its quarantine and report: they say why.
+    with stage_run(context, "data", reports=[out / "report.json", out / "quarantine.jsonl"]) as tracker:
         report = prepare()
         splits = lineage.write_description(out, settings.data_digest, report["sources"])
         tracker.set_tags({"dataset.hash": settings.data_digest})

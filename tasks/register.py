@@ -27,7 +27,7 @@ from qloraflow.stages import (DataResult, DeployResult, EvalResult, MergeResult,
                               TokenizeResult, TrainResult)
 from qloraflow.tracking import MlflowTracker
 from tasks import policy
-from tasks.common import execution_id, local_folder, print_line
+from tasks.common import execution_id, fail_pipeline_run, local_folder, print_line
 
 
 def _champion_side(cfg, client, data: str, tok: str, test_key: str) -> dict:  # noqa: ANN001
@@ -68,7 +68,21 @@ def register_and_promote(settings: RegisterSettings, context: RunContext, data: 
                          tokenized: TokenizeResult, tok_dir: FlyteDirectory, trained: TrainResult,
                          evaluated: EvalResult, merged: MergeResult, merged_dir: FlyteDirectory,
                          deployed: DeployResult) -> str:
-    """Log the pipeline's results, register the merged model, gate the champion alias; return the summary."""
+    """Log the pipeline's results, register the merged model, gate the champion alias; return the summary.
+
+    The pipeline's MLflow run ends here: FINISHED, or FAILED with the error when this task raises."""
+    try:
+        return _register_and_promote(settings, context, data, data_dir, tokenized, tok_dir, trained, evaluated,
+                                     merged, merged_dir, deployed)
+    except BaseException as e:
+        fail_pipeline_run(context, "register", f"{type(e).__name__}: {e}"[:4000])
+        raise
+
+
+def _register_and_promote(settings: RegisterSettings, context: RunContext, data: DataResult,
+                          data_dir: FlyteDirectory, tokenized: TokenizeResult, tok_dir: FlyteDirectory,
+                          trained: TrainResult, evaluated: EvalResult, merged: MergeResult,
+                          merged_dir: FlyteDirectory, deployed: DeployResult) -> str:
     cfg = settings.config
     name = cfg.registry.model_name
     pipeline_run_id = context.pipeline_run_id

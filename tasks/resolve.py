@@ -126,8 +126,13 @@ def resolve_config(config: FlyteFile) -> Resolved:
                                   "model.base": cfg.model.base_model, "model.revision": cfg.model.revision or "",
                                   "model.fingerprint": fp["model"], **environment, **tags})
     flat = {f"{sec}.{k}": v for sec, vals in d.items() if isinstance(vals, dict) for k, v in vals.items()}
-    tracker.log_params({**flat, "name": cfg.name, "seed": cfg.seed})
-    tracker.log_dict(d, "config.json")
+    try:
+        tracker.log_params({**flat, "name": cfg.name, "seed": cfg.seed})
+        tracker.log_dict(d, "config.json")
+    except BaseException as e:  # the run was made: it must not stay RUNNING
+        tracker.set_tags({"qloraflow.failed_stage": "resolve", "qloraflow.error": f"{type(e).__name__}: {e}"[:4000]})
+        tracker.close("FAILED")
+        raise
     print_line("resolve", f"config {cfg.name} valid; {fit}; data {fp['data'][:12]}; MLflow run {name} "
                           f"({tracker.run_id})")
     context = RunContext(pipeline_run_id=tracker.run_id, name=cfg.name, experiment=cfg.tracking.experiment,

@@ -74,7 +74,7 @@ def _tracked(context: RunContext, out: Path, data_dir: FlyteDirectory,
 
     The data splits' description (``qloraflow.lineage``) travels on in the output: training reads only
     this folder and logs the same datasets."""
-    with stage_run(context, "tokenize") as tracker:
+    with stage_run(context, "tokenize", reports=[out / "report.json"]) as tracker:
         data = data_dir.download()
         report = tokenize(data)
         lineage.copy_description(data, out)

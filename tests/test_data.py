@@ -299,3 +299,16 @@ def test_contamination_report_lists_exactly_the_planted_test_copies(tmp_path):
     assert "3 of 6 test records (50.0%)" in str(err.value) and "data.max_test_contamination=0.4" in str(err.value)
     assert not (tmp_path / "strict" / "test.parquet").exists()
     assert json.loads((tmp_path / "strict" / "report.json").read_text())["contamination"]["test_ids"] == dirty["test_ids"]
+
+
+def test_a_huge_rejected_row_is_quarantined_cut_with_its_length(tmp_path):
+    huge = {"instruction": "x" * 6_000_000}  # 6 MB, no output: rejected as missing_field
+    path = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(0, 20) + [huge])
+    out = tmp_path / "out"
+    prepare_dataset(DataConfig(train_files=[path], validation_fraction=0.0, quarantine_max_chars=1000), out)
+    (entry,) = [q for q in read_quarantine(out) if q["reason"] == "missing_field"]
+    assert entry["raw_truncated"] is True and entry["raw_chars"] == len(json.dumps(huge))
+    assert len(entry["raw"]) == 1000 and entry["raw"] == json.dumps(huge)[:1000]
+    assert (out / "quarantine.jsonl").stat().st_size < 10_000  # not the 6 MB row
+    short = [q for q in read_quarantine(out) if q["reason"] != "missing_field"]
+    assert all("raw_truncated" not in q for q in short)  # the control: short rows are kept whole

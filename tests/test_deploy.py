@@ -249,18 +249,46 @@ def test_dockerfile_passes_hadolint():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_dockerfile_entrypoint_passes_model_dir_and_run_arguments_through(tmp_path):
-    """Run the ENTRYPOINT's shell line with a python3 that prints its argv (no Docker engine here)."""
+def _entrypoint(tmp_path: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """Run the ENTRYPOINT's shell line with a python3 that prints its argv and its key (no Docker engine here)."""
     entry = next(ln for ln in DOCKERFILE.read_text().splitlines() if ln.startswith("ENTRYPOINT"))
     argv = json.loads(entry[len("ENTRYPOINT"):])
-    (tmp_path / "python3").write_text("#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n")
+    (tmp_path / "python3").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\necho "key=$VLLM_API_KEY"\n')
     (tmp_path / "python3").chmod(0o755)
-    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "MODEL_DIR": "/models/my model", "SERVED_MODEL_NAME": "tiny-sql"}
-    out = subprocess.run([*argv, "--max-model-len", "4096"], env=env, capture_output=True, text=True,
-                         check=True, timeout=30).stdout.splitlines()
-    assert out == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/models/my model",
-                   "--served-model-name", "tiny-sql", "--host", "0.0.0.0", "--port", "8000",
-                   "--max-model-len", "4096"]
+    base = {"PATH": f"{tmp_path}:/usr/bin:/bin", "MODEL_DIR": "/models/my model", "SERVED_MODEL_NAME": "tiny-sql",
+            "VLLM_API_KEY_FILE": str(tmp_path / "no-such-file")}
+    return subprocess.run([*argv, *args], env={**base, **env}, capture_output=True, text=True, timeout=30)
+
+
+SERVER_ARGV = ["-m", "vllm.entrypoints.openai.api_server", "--model", "/models/my model",
+               "--served-model-name", "tiny-sql", "--host", "0.0.0.0", "--port", "8000",
+               "--middleware", "qloraflow_keyguard.KeyGuard"]
+
+
+def test_dockerfile_entrypoint_passes_model_dir_and_run_arguments_through(tmp_path):
+    out = _entrypoint(tmp_path, {"VLLM_API_KEY": "s3cret"}, "--max-model-len", "4096")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [*SERVER_ARGV, "--max-model-len", "4096", "key=s3cret"]  # not in argv
+
+
+def test_dockerfile_entrypoint_takes_the_key_from_a_secret_file_and_refuses_to_start_without_one(tmp_path):
+    (tmp_path / "key").write_text("from-the-secret\n")
+    out = _entrypoint(tmp_path, {"VLLM_API_KEY_FILE": str(tmp_path / "key")})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [*SERVER_ARGV, "key=from-the-secret"]
+    refused = _entrypoint(tmp_path, {})  # neither the variable nor the file: an open server never starts
+    assert refused.returncode == 64 and refused.stdout == ""
+    assert "no API key: set VLLM_API_KEY" in refused.stderr and "no-such-file" in refused.stderr
+
+
+def test_dockerfile_runs_as_the_manifests_user_and_ships_the_keyguard():
+    from qloraflow.hardening import RUN_AS_USER
+
+    lines = [ln.strip() for ln in DOCKERFILE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert f"USER {RUN_AS_USER}:{RUN_AS_USER}" in lines
+    assert "COPY qloraflow/keyguard.py /opt/qloraflow/qloraflow_keyguard.py" in lines
+    assert (ROOT / "qloraflow" / "keyguard.py").is_file()
+    assert not any("VLLM_API_KEY=" in ln for ln in lines if ln.startswith(("ENV", "ARG")))  # no key baked in
 
 
 # ----------------------------------------------------------------------------- locked down (qloraflow.hardening)

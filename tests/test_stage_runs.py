@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -44,3 +46,43 @@ def test_a_failing_stage_leaves_its_run_failed_not_running(tmp_path, monkeypatch
                   execution=ExecutionSettings(), context=context)
     statuses = sorted(r.info.status for r in _runs_of(uri, "stage-runs", "tokenize"))
     assert statuses == ["FAILED", "FINISHED"]
+    # The pipeline's run ended FAILED with the stage (a local run has no retries to wait for).
+    from mlflow.tracking import MlflowClient
+
+    failed_pipeline = MlflowClient(uri).get_run(pipeline.run_id)
+    assert failed_pipeline.info.status == "FAILED"
+    assert failed_pipeline.data.tags["qloraflow.failed_stage"] == "tokenize"
+    assert "no-such-model" in failed_pipeline.data.tags["qloraflow.error"]
+
+
+def test_a_failed_data_stage_keeps_its_quarantine_and_report_in_mlflow(tmp_path, monkeypatch):
+    import json
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from qloraflow.config import DataConfig
+    from qloraflow.errors import DataValidationError
+    from qloraflow.stages import DataSettings, ExecutionSettings, RunContext
+    from qloraflow.tracking import MlflowTracker
+    from tasks.data import prepare_data
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    rows = [{"instruction": "What is 1 plus 2?", "output": "3"}] + [{"instruction": f"x{i}"} for i in range(3)]
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pipeline = MlflowTracker("stage-runs", uri, run_name="pipeline")
+    context = RunContext(pipeline_run_id=pipeline.run_id, name="t", experiment="stage-runs", tracking_uri=uri)
+    settings = DataSettings(data=DataConfig(train_files=[str(src)], validation_fraction=0.0), seed=0,
+                            data_digest="too-many-rejects")
+    with pytest.raises(DataValidationError, match="3 of 4 records"):
+        prepare_data(settings=settings, execution=ExecutionSettings(), context=context)
+    (run,) = _runs_of(uri, "stage-runs", "data")
+    assert run.info.status == "FAILED" and "3 of 4 records" in run.data.tags["qloraflow.error"]
+    got = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="data",
+                                                   dst_path=str(tmp_path / "got"), tracking_uri=uri))
+    quarantine = [json.loads(line) for line in (got / "quarantine.jsonl").read_text().splitlines()]
+    assert [q["reason"] for q in quarantine] == ["missing_field"] * 3
+    assert json.loads((got / "report.json").read_text())["rejected"] == 3
+    assert MlflowClient(uri).get_run(pipeline.run_id).info.status == "FAILED"
