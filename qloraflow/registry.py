@@ -37,6 +37,10 @@ from qloraflow.paired import BINARY_METRICS, paired_test
 
 ALIAS = "champion"
 HISTORY_TAG = "qloraflow.champion_history"
+# The gate metric and margin the last promotion used: ``qloraflow models``/``promote`` default to them, so a
+# promotion by hand applies the pipeline's gate (configs/tiny.yaml gates on execution_accuracy, not exact_match).
+GATE_METRIC_TAG = "qloraflow.gate_metric"
+GATE_MARGIN_TAG = "qloraflow.gate_margin"
 
 
 def client_for(tracking_uri: Optional[str] = None) -> Any:
@@ -227,6 +231,8 @@ def promote(client: Any, name: str, version: str, metrics: dict[str, float], bas
     base = base_metrics.get(gate_metric)
     load = champion_verdicts or (lambda mv: stored_verdicts(client, mv, gate_metric))
     with _lock(name):
+        client.set_registered_model_tag(name, GATE_METRIC_TAG, gate_metric)
+        client.set_registered_model_tag(name, GATE_MARGIN_TAG, str(margin))
         current = champion(client, name)
         held = _metric(current, gate_metric) if current is not None else None
         reasons, tests = [], {}
