@@ -61,8 +61,17 @@ def register_model(client: Any, name: str, source: str, run_id: Optional[str], t
     """
     with contextlib.suppress(Exception):  # already exists, possibly created by a concurrent pipeline
         client.create_registered_model(name)
-    mv = client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
-                                     model_id=model_id, description=description)
+    from qloraflow.mlflow_model import global_store
+
+    with global_store(client):  # a models:/m-... source is looked up in the global store
+        mv = client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+                                         model_id=model_id, description=description)
+    if model_id is not None:  # the logged model names its versions (MLflow's Models tab shows "registered")
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        linked = json.loads((client.get_logged_model(model_id).tags or {}).get(MLFLOW_MODEL_VERSIONS, "[]"))
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            linked + [{"name": name, "version": str(mv.version)}])})
     for _ in range(60):  # file stores are READY at once; a server may copy artifacts first
         if client.get_model_version(name, mv.version).status == "READY":
             break
