@@ -111,8 +111,8 @@ def test_a_downloaded_version_holds_the_checkpoint_whole(champion, tiny_model_di
     """What vLLM and a re-evaluation read: the weights, config and tokenizer files as the merge wrote them."""
     import mlflow
 
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{NAME}@champion", dst_path=str(tmp_path),
-                                                tracking_uri=champion["client"].tracking_uri)
+    with global_store(champion["client"]):  # a models:/ URI resolves through the process-wide registry
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{NAME}@champion", dst_path=str(tmp_path))
     folder = hf_folder(local)
     assert folder.name == "model" and (folder.parent / "MLmodel").is_file()
     for f in tiny_model_dir.iterdir():
