@@ -28,6 +28,9 @@ from typing import Any, Optional, Sequence
 
 from qloraflow.errors import DataValidationError, QloraflowError, RegistryError, TrackingError
 
+# When neither --metric nor the registered model (its last promotion's gate) names one.
+DEFAULT_GATE_METRIC = "exact_match"
+
 
 class _SubcommandParser(argparse.ArgumentParser):
     """A subcommand's parser: rejects unknown arguments itself and records the ones it was given.
@@ -133,12 +136,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _short_source(source: Optional[str]) -> str:
-    """``runs:/<32 hex>/merged_model`` -> ``runs:/<8 hex>/merged_model``; long URIs keep their end."""
+    """Run and logged-model ids cut to 8 hex (``runs:/0123abcd/merged_model``, ``models:/m-0123abcd``);
+    other long URIs keep their end."""
     if not source:
         return ""
-    m = re.match(r"^runs:/([0-9a-f]{9,})/(.*)$", source)
+    m = re.match(r"^(runs:/|models:/m-)([0-9a-f]{9,})(.*)$", source)
     if m:
-        return f"runs:/{m[1][:8]}/{m[2]}"
+        return f"{m[1]}{m[2][:8]}{m[3]}"
     return source if len(source) <= 48 else "..." + source[-45:]
 
 
@@ -148,26 +152,47 @@ def _created(ms: Optional[int]) -> str:
     return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def version_rows(client: Any, name: str) -> list[dict[str, Any]]:
-    """``registry.list_versions`` plus each version's creation time and content digest.
+def _registered_model(client: Any, name: str) -> Any:
+    """The registered model ``name``.
 
     Raises:
         RegistryError: no registered model has this name (the message lists the ones there are).
     """
     from mlflow.exceptions import MlflowException
 
-    from qloraflow.registry import DIGEST_TAG, list_versions
-
     try:
-        client.get_registered_model(name)
+        return client.get_registered_model(name)
     except MlflowException as e:
         known = sorted(m.name for m in client.search_registered_models())
         raise RegistryError(f"no registered model named {name!r} at {client.tracking_uri} (registered: "
                             f"{', '.join(known) or 'none'}); pass --name with one of them") from e
+
+
+def gate(client: Any, name: str, metric: Optional[str], margin: Optional[float]) -> tuple[str, float]:
+    """``--metric``/``--margin`` when given, else the gate the pipeline's last promotion of ``name`` used."""
+    from qloraflow.registry import GATE_MARGIN_TAG, GATE_METRIC_TAG
+
+    tags = _registered_model(client, name).tags or {}
+    return (metric or tags.get(GATE_METRIC_TAG) or DEFAULT_GATE_METRIC,
+            margin if margin is not None else float(tags.get(GATE_MARGIN_TAG, 0.0)))
+
+
+def version_rows(client: Any, name: str) -> list[dict[str, Any]]:
+    """``registry.list_versions`` plus each version's aliases, creation time and content digest.
+
+    Raises:
+        RegistryError: no registered model has this name (the message lists the ones there are).
+    """
+    from qloraflow.registry import DIGEST_TAG, list_versions
+
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (_registered_model(client, name).aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
     extra = {str(mv.version): mv for mv in client.search_model_versions(f"name='{name}'")}
     rows = []
     for row in list_versions(client, name):
         mv = extra.get(str(row["version"]))
+        row["aliases"] = sorted(aliases.get(str(row["version"]), []))
         row["creation_timestamp"] = getattr(mv, "creation_timestamp", None)
         row[DIGEST_TAG] = (getattr(mv, "tags", None) or {}).get(DIGEST_TAG)
         rows.append(row)
@@ -175,13 +200,13 @@ def version_rows(client: Any, name: str) -> list[dict[str, Any]]:
 
 
 def format_versions(name: str, rows: list[dict[str, Any]], metric: str) -> str:
-    """The table ``qloraflow models`` prints: one line per version, ``*`` on the champion's."""
+    """The table ``qloraflow models`` prints: one line per version, oldest first."""
     from qloraflow.registry import ALIAS, DIGEST_TAG
 
     if not rows:
         return f"{name}: no versions registered"
     champion = next((r["version"] for r in rows if r["champion"]), None)
-    header = ["", "version", metric, "created (UTC)", "digest", "source"]
+    header = ["version", "aliases", metric, "created (UTC)", "digest", "source"]
     table = [header]
     for r in rows:
         value = r.get(f"metric.{metric}")
@@ -189,22 +214,24 @@ def format_versions(name: str, rows: list[dict[str, Any]], metric: str) -> str:
             shown = f"{float(value):.4f}" if value is not None else "-"
         except ValueError:
             shown = str(value)
-        table.append(["*" if r["champion"] else "", str(r["version"]), shown, _created(r["creation_timestamp"]),
-                      (r.get(DIGEST_TAG) or "-")[:12], _short_source(r.get("source"))])
+        table.append([str(r["version"]), " ".join(f"@{a}" for a in r["aliases"]) or "-", shown,
+                      _created(r["creation_timestamp"]), (r.get(DIGEST_TAG) or "-")[:12],
+                      _short_source(r.get("source"))])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    lines.insert(1, "  ".join(("-" if i else " ") * w for i, w in enumerate(widths)))
-    title = (f"{name}: {len(rows)} version(s); * = @{ALIAS} (version {champion})" if champion is not None
-             else f"{name}: {len(rows)} version(s); no @{ALIAS} yet")
-    return "\n".join([title, *lines])
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    title = (f"{name}: {len(rows)} version(s), @{ALIAS} = version {champion}" if champion is not None
+             else f"{name}: {len(rows)} version(s), no @{ALIAS} yet")
+    return "\n".join([f"{title}; gate metric {metric}", *lines])
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    rows = version_rows(_client(args), args.name)
+    client = _client(args)
+    rows = version_rows(client, args.name)
     if args.json:
         print(json.dumps(rows, indent=1, sort_keys=True))
     else:
-        print(format_versions(args.name, rows, args.metric))
+        print(format_versions(args.name, rows, gate(client, args.name, args.metric, None)[0]))
     return 0
 
 
@@ -219,7 +246,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
         registry.set_champion(client, args.name, str(args.version))
         print(f"{args.name}: champion -> version {args.version} (forced)")
         return 0
-    decision = registry.promote(client, args.name, str(args.version), metrics, {}, args.metric, args.margin,
+    metric, margin = gate(client, args.name, args.metric, args.margin)
+    decision = registry.promote(client, args.name, str(args.version), metrics, {}, metric, margin,
                                 smoke_passed=True)
     print(json.dumps(decision, indent=1))
     return 0 if decision["promoted"] else 1
@@ -316,11 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("models", parents=[store], help="list registered versions; * marks the champion",
-                       description="List a registered model's versions: * marks the champion, with the gate "
-                                   "metric, creation time, content digest and source.")
+    gate_default = f"the gate metric the pipeline last promoted with, else {DEFAULT_GATE_METRIC}"
+    p = sub.add_parser("models", parents=[store], help="list registered versions with their aliases",
+                       description="List a registered model's versions: aliases (@champion), gate metric, "
+                                   "creation time, content digest and source.")
     p.add_argument("--name", required=True, help="registered model name, e.g. tiny-sql")
-    p.add_argument("--metric", default="exact_match", help="gate metric to show (default: %(default)s)")
+    p.add_argument("--metric", default=None, help=f"metric to show (default: {gate_default})")
     p.add_argument("--json", action="store_true", help="print the versions as JSON (for scripts)")
     p.set_defaults(fn=cmd_models)
 
@@ -328,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Make a version the champion if it beats the current one on the gate metric.")
     p.add_argument("--name", required=True, help="registered model name, e.g. tiny-sql")
     p.add_argument("--version", required=True, help="registry version to promote, e.g. 3")
-    p.add_argument("--metric", default="exact_match", help="gate metric (default: %(default)s)")
-    p.add_argument("--margin", type=float, default=0.0, help="must beat the champion by more than this")
+    p.add_argument("--metric", default=None, help=f"gate metric (default: {gate_default})")
+    p.add_argument("--margin", type=float, default=None,
+                   help="must beat the champion by more than this (default: the pipeline's last margin, else 0)")
     p.add_argument("--force", action="store_true", help="skip the gate")
     p.set_defaults(fn=cmd_promote)
 

@@ -464,14 +464,16 @@ def kubectl_apply(folder: Path) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qloraflow deploy", description="Render (and apply) vLLM serving manifests.")
-    ap.add_argument("--target", choices=["k8s", "kserve"], default="k8s")
+    ap.add_argument("--target", choices=["k8s", "kserve"], default="k8s",
+                    help="a Deployment and Service, or a KServe InferenceService (default: %(default)s)")
     ap.add_argument("--model-uri", help="models:/<name>@champion, models:/<name>/<version> or s3://...")
     ap.add_argument("--version", help="registry version (pinned into the manifests)")
     ap.add_argument("--name", help="registered model name (default: taken from a models:/ URI)")
-    ap.add_argument("--image", default=VLLM_IMAGE)
-    ap.add_argument("--namespace")
-    ap.add_argument("--replicas", type=int, default=1)
-    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--image", default=VLLM_IMAGE, help="vLLM serving image (default: %(default)s)")
+    ap.add_argument("--namespace", help="Kubernetes namespace of the manifests (default: none, kubectl's own)")
+    ap.add_argument("--replicas", type=int, default=1, help="serving pods (default: %(default)s)")
+    ap.add_argument("--max-model-len", type=int, default=4096,
+                    help="vLLM --max-model-len, tokens of context (default: %(default)s)")
     ap.add_argument("--api-key-secret", default=hardening.API_KEY_SECRET,
                     help="Secret whose key VLLM_API_KEY clients must send as 'Authorization: Bearer ...'")
     ap.add_argument("--tracking-secret", default=hardening.TRACKING_SECRET,

@@ -37,6 +37,10 @@ from qloraflow.paired import BINARY_METRICS, paired_test
 
 ALIAS = "champion"
 HISTORY_TAG = "qloraflow.champion_history"
+# The gate metric and margin the last promotion used: ``qloraflow models``/``promote`` default to them, so a
+# promotion by hand applies the pipeline's gate (configs/tiny.yaml gates on execution_accuracy, not exact_match).
+GATE_METRIC_TAG = "qloraflow.gate_metric"
+GATE_MARGIN_TAG = "qloraflow.gate_margin"
 
 
 def client_for(tracking_uri: Optional[str] = None) -> Any:
@@ -57,8 +61,17 @@ def register_model(client: Any, name: str, source: str, run_id: Optional[str], t
     """
     with contextlib.suppress(Exception):  # already exists, possibly created by a concurrent pipeline
         client.create_registered_model(name)
-    mv = client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
-                                     model_id=model_id, description=description)
+    from qloraflow.mlflow_model import global_store
+
+    with global_store(client):  # a models:/m-... source is looked up in the global store
+        mv = client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+                                         model_id=model_id, description=description)
+    if model_id is not None:  # the logged model names its versions (MLflow's Models tab shows "registered")
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        linked = json.loads((client.get_logged_model(model_id).tags or {}).get(MLFLOW_MODEL_VERSIONS, "[]"))
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            linked + [{"name": name, "version": str(mv.version)}])})
     for _ in range(60):  # file stores are READY at once; a server may copy artifacts first
         if client.get_model_version(name, mv.version).status == "READY":
             break
@@ -227,6 +240,8 @@ def promote(client: Any, name: str, version: str, metrics: dict[str, float], bas
     base = base_metrics.get(gate_metric)
     load = champion_verdicts or (lambda mv: stored_verdicts(client, mv, gate_metric))
     with _lock(name):
+        client.set_registered_model_tag(name, GATE_METRIC_TAG, gate_metric)
+        client.set_registered_model_tag(name, GATE_MARGIN_TAG, str(margin))
         current = champion(client, name)
         held = _metric(current, gate_metric) if current is not None else None
         reasons, tests = [], {}

@@ -22,6 +22,8 @@ from flytekit.types.directory import FlyteDirectory
 
 from qloraflow import registry
 from qloraflow.evaluate import evaluate_model
+from qloraflow.mlflow_model import global_store, hf_folder, log_merged_model
+from qloraflow.modelcard import with_results
 from qloraflow.outputs import keep_execution
 from qloraflow.stages import (DataResult, DeployResult, EvalResult, MergeResult, RegisterSettings, RunContext,
                               TokenizeResult, TrainResult)
@@ -51,8 +53,9 @@ def _champion_side(cfg, client, data: str, tok: str, test_key: str) -> dict:  # 
         why = "it was evaluated on another test split or with other settings"
     import mlflow
 
-    local = mlflow.artifacts.download_artifacts(artifact_uri=current.source, tracking_uri=client.tracking_uri)
-    evaluation = evaluate_model(cfg, local, data, tok)
+    with global_store(client):  # a models:/m-... source resolves through the process-wide store
+        local = mlflow.artifacts.download_artifacts(artifact_uri=current.source, tracking_uri=client.tracking_uri)
+    evaluation = evaluate_model(cfg, str(hf_folder(local)), data, tok)
     print_line("register", f"champion v{current.version} re-evaluated on this test split: {why}")
     return {"version": str(current.version), "metrics": evaluation.metrics, "verdicts": evaluation.verdicts(gate),
             "source": f"re-evaluated on this test split ({why})"}
@@ -111,16 +114,22 @@ def _register_and_promote(settings: RegisterSettings, context: RunContext, data:
     version = registry.version_with_digest(client, name, merged.sha256)
     created, uploaded = False, version is None
     if uploaded:  # upload outside the registry lock; register_once re-checks under it
-        tracker.log_artifact(local_folder(merged_dir), "merged_model")
-        # The per-record verdicts: what the next candidate is paired with while this version is champion.
-        tracker.log_dict(registry.verdicts_document(merged.samples, test_key), "gate/verdicts.json")
+        # One dataset hash everywhere: the content digest of the input files, as on the pipeline and data runs.
         tags = {"train_key": settings.train_digest, "data_key": settings.data_digest, "eval_key": test_key,
-                "dataset.hash": settings.data_digest, "config.hash": cfg.hash(), "base_model": cfg.model.base_model,
+                "dataset.hash": settings.dataset_hash, "config.hash": cfg.hash(), "base_model": cfg.model.base_model,
                 "base_model.revision": cfg.model.revision or "", "flyte.execution_id": execution_id(),
                 "adapter_run_id": trained.mlflow_run_id, registry.VERDICTS_TAG: f"runs:/{pipeline_run_id}/gate/verdicts.json",
                 **{f"metric.{k}": v for k, v in results["merged"].items()}}
-        version, created = registry.register_once(client, name, merged.sha256,
-                                                  f"runs:/{pipeline_run_id}/merged_model", pipeline_run_id, tags)
+        # An MLflow Model (transformers flavor, chat signature) logged into the pipeline run; the version is it.
+        card = (f"# {name}\n\n{cfg.model.base_model} with the LoRA adapter of MLflow run {trained.mlflow_run_id} "
+                f"merged in (16-bit). Dataset hash: `{settings.dataset_hash}`.\n\n"
+                + with_results("", results, gate))
+        model_id, model_uri = log_merged_model(client, pipeline_run_id, local_folder(merged_dir), card,
+                                               tags={"dataset.hash": settings.dataset_hash, registry.DIGEST_TAG: merged.sha256})
+        # The per-record verdicts: what the next candidate is paired with while this version is champion.
+        tracker.log_dict(registry.verdicts_document(merged.samples, test_key), "gate/verdicts.json")
+        version, created = registry.register_once(client, name, merged.sha256, model_uri, pipeline_run_id, tags,
+                                                  model_id=model_id)
     if created:
         decision = registry.promote(
             client, name, version, results["merged"], results["base"], gate, cfg.registry.promotion_margin,

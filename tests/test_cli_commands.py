@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,13 @@ EXPECTED_COMMANDS = {"validate", "models", "promote", "rollback", "deploy", "com
 
 
 def qloraflow(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run the installed console script as typed; bounded in time."""
+    """Run the installed console script as typed; bounded in time.
+
+    The script imports this checkout's ``qloraflow`` (PYTHONPATH first), not the one the venv was installed
+    from: a git worktree shares its venv with the main checkout.
+    """
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return subprocess.run([str(QLORAFLOW), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=TIMEOUT_S)
 
@@ -169,26 +174,51 @@ def test_compare_an_unknown_experiment_lists_the_ones_there(store, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_models_prints_a_table_with_the_champion_marked(store):
+def test_models_prints_a_table_with_the_aliases(store):
     proc = qloraflow("models", "--name", MODEL, env=store["env"])
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == f"{MODEL}: 2 version(s); * = @champion (version 1)"
-    assert lines[1].split() == ["version", "exact_match", "created", "(UTC)", "digest", "source"]
+    assert lines[0] == f"{MODEL}: 2 version(s), @champion = version 1; gate metric exact_match"
+    assert lines[1].split() == ["version", "aliases", "exact_match", "created", "(UTC)", "digest", "source"]
     v1, v2 = lines[3], lines[4]
-    assert v1.split()[:3] == ["*", "1", "0.7500"] and DIGEST[:12] in v1 and DIGEST[:13] not in v1
+    assert v1.split()[:3] == ["1", "@champion", "0.7500"] and DIGEST[:12] in v1 and DIGEST[:13] not in v1
     assert f"runs:/{store['runs'][0][:8]}/merged_model" in v1
-    assert v2.split()[:2] == ["2", "0.5000"] and "*" not in v2
+    assert v2.split()[:3] == ["2", "-", "0.5000"] and "@" not in v2
     assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", v1)
     assert "{" not in proc.stdout  # not JSON lines
+
+
+def test_models_and_promote_use_the_gate_the_pipeline_promoted_with(store, capsys):
+    """A promotion records its gate on the registered model; the commands then default to it (in-process:
+    the command's parsing is covered above)."""
+    from mlflow.tracking import MlflowClient
+
+    from qloraflow import registry
+    from qloraflow.cli import main
+
+    name, uri = f"{MODEL}-gate", ["--tracking-uri", store["uri"]]
+    client = MlflowClient(store["uri"], store["uri"])
+    for rid, (exact, accuracy) in zip(store["runs"], ((0.9, 0.2), (0.1, 0.6))):
+        version = registry.register_model(client, name, f"runs:/{rid}/merged_model", rid,
+                                          {"metric.exact_match": exact, "metric.execution_accuracy": accuracy})
+    registry.promote(client, name, "1", {"execution_accuracy": 0.2}, {}, "execution_accuracy", 0.0, True)
+    assert main(uri + ["models", "--name", name]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("gate metric execution_accuracy") and lines[1].split()[2] == "execution_accuracy"
+    assert main(uri + ["models", "--name", name, "--metric", "exact_match"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[2] == "exact_match"
+    # 0.6 beats 0.2 on the pipeline's gate, though its exact_match (0.1 < 0.9) would not.
+    assert main(uri + ["promote", "--name", name, "--version", version]) == 0
+    assert str(json.loads(capsys.readouterr().out)["champion"]) == version
+    assert main(uri + ["promote", "--name", name, "--version", "1", "--metric", "exact_match"]) == 0
 
 
 def test_models_json_for_scripts(store):
     proc = qloraflow("models", "--name", MODEL, "--json", env=store["env"])
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert [(str(r["version"]), r["champion"], r["metric.exact_match"]) for r in rows] == [
-        ("1", True, "0.75"), ("2", False, "0.5")]
+    assert [(str(r["version"]), r["champion"], r["aliases"], r["metric.exact_match"]) for r in rows] == [
+        ("1", True, ["champion"], "0.75"), ("2", False, [], "0.5")]
     assert rows[0]["model.sha256"] == DIGEST and rows[0]["run_id"] == store["runs"][0]
     assert isinstance(rows[0]["creation_timestamp"], int)
 
@@ -273,50 +303,3 @@ def test_an_unknown_subcommand_and_a_missing_one_exit_2():
 def test_deploy_requires_a_mode_and_says_which():
     proc = qloraflow("deploy", "--target", "k8s", "--model-uri", f"models:/{MODEL}@champion", "--version", "1")
     assert proc.returncode == 2 and "one of the arguments --dry-run --apply is required" in proc.stderr
-
-
-# ----------------------------------------------------------------------------- the README's commands
-
-
-def readme_commands() -> list[str]:
-    """Every ``qloraflow ...`` / ``.venv/bin/qloraflow ...`` line inside the README's ``` blocks."""
-    lines, inside = [], False
-    for line in (ROOT / "README.md").read_text().splitlines():
-        if line.lstrip().startswith("```"):
-            inside = not inside
-            continue
-        m = re.match(r"^\s*(?:\$\s+)?(?:\S*/)?qloraflow\s+(.*)$", line)
-        if inside and m:
-            lines.append(m[1])
-    return lines
-
-
-def readme_subcommand(rest: str) -> str:
-    words = shlex.split(rest, comments=True)
-    while words and words[0].startswith("-"):  # top-level options: --tracking-uri URI
-        words = words[1:] if "=" in words[0] else words[2:]
-    assert words, f"README line 'qloraflow {rest}' names no subcommand"
-    return words[0]
-
-
-def test_readme_is_scanned():
-    assert {readme_subcommand(r) for r in readme_commands()} >= {"validate", "models", "promote", "rollback",
-                                                                   "deploy"}
-
-
-@pytest.mark.parametrize("command", sorted({readme_subcommand(r) for r in readme_commands()}))
-def test_every_subcommand_the_readme_shows_parses(command):
-    proc = qloraflow(command, "-h")
-    assert proc.returncode == 0, f"README shows 'qloraflow {command}', which does not parse:\n{proc.stderr}"
-    assert proc.stdout.startswith(f"usage: qloraflow {command}")
-
-
-@pytest.mark.parametrize("rest", readme_commands())
-def test_every_readme_command_line_parses_whole(rest):
-    """Each README command, options and all, is accepted by the parser (parsed only, not run)."""
-    from qloraflow.cli import build_parser
-
-    try:
-        build_parser().parse_args(shlex.split(rest, comments=True))
-    except SystemExit as e:
-        pytest.fail(f"README command 'qloraflow {rest}' does not parse (exit {e.code})")
