@@ -21,13 +21,15 @@ from flytekit import task
 from flytekit.types.directory import FlyteDirectory
 
 from qloraflow import registry
+from qloraflow.comparison import gate_html
 from qloraflow.evaluate import evaluate_model
 from qloraflow.outputs import keep_execution
+from qloraflow.reports import page_html
 from qloraflow.stages import (DataResult, DeployResult, EvalResult, MergeResult, RegisterSettings, RunContext,
                               TokenizeResult, TrainResult)
 from qloraflow.tracking import MlflowTracker
 from tasks import policy
-from tasks.common import execution_id, local_folder, print_line
+from tasks.common import execution_id, local_folder, print_line, show_deck
 
 
 def _champion_side(cfg, client, data: str, tok: str, test_key: str) -> dict:  # noqa: ANN001
@@ -63,7 +65,7 @@ def _report(folder: str, run_id: str) -> dict:
     return {**json.loads((Path(folder) / "report.json").read_text()), "mlflow_run_id": run_id}
 
 
-@task(container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES)
+@task(container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES, enable_deck=True)
 def register_and_promote(settings: RegisterSettings, context: RunContext, data: DataResult, data_dir: FlyteDirectory,
                          tokenized: TokenizeResult, tok_dir: FlyteDirectory, trained: TrainResult,
                          evaluated: EvalResult, merged: MergeResult, merged_dir: FlyteDirectory,
@@ -133,8 +135,12 @@ def register_and_promote(settings: RegisterSettings, context: RunContext, data: 
     source = merged_dir.remote_source or merged_dir.path
     samples = {**{m: [dataclasses.asdict(s) for s in ss.values()] for m, ss in evaluated.samples.items()},
                "merged": [dataclasses.asdict(s) for s in merged.samples.values()]}
+    # The decision on the evaluation page (kept, and this task's Deck) beside the metrics it was taken on.
+    gate_section = gate_html(decision, gate)
+    pages["register"] = page_html("register", gate_section)
+    show_deck({"promotion gate": gate_section})
     kept = keep_execution(root, pipeline_run_id, source if "://" in source or os.path.isdir(source) else None,
-                          pages, results, samples)
+                          pages, results, samples, gate_section=gate_section)
     tracker.log_artifact(root / kept["comparison_png"], "evaluate")
     tracker.log_table(json.loads((root / kept["eval_samples"]).read_text()), "eval_samples.json")  # sortable
     tracker.set_tags({**{f"stage.{k}": v for k, v in stages.items()}, "registry.version": version,
