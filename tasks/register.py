@@ -225,7 +225,18 @@ def render_champion_manifests(cfg, client, version: str) -> Path:  # noqa: ANN00
 
 
 def stage_provenance(client, pipeline_run_id: str, reports: dict) -> dict[str, str]:  # noqa: ANN001
-    """For each stage: 'ran' in this execution, 'cached' with the pipeline run that computed it, or 'skipped'."""
+    """For each stage: 'ran' in this execution, 'cached' with the pipeline run that computed it, or 'skipped'.
+
+    A sweep's trial (``workflows/sweep.py``) shares the data and tokenize stages, whose runs nest under
+    the sweep's run: those count as this execution's too.
+    """
+    own = {pipeline_run_id}
+    try:
+        sweep = client.get_run(pipeline_run_id).data.tags.get("qloraflow.sweep")
+    except Exception:  # noqa: BLE001 - a deleted run
+        sweep = None
+    if sweep:
+        own.add(sweep)
     out = {}
     for stage, report in reports.items():
         run_id = report.get("mlflow_run_id")
@@ -239,7 +250,7 @@ def stage_provenance(client, pipeline_run_id: str, reports: dict) -> dict[str, s
             parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
         except Exception:  # noqa: BLE001 - the run was deleted: the output still came from the cache
             parent = None
-        out[stage] = "ran" if parent == pipeline_run_id else f"cached (computed by pipeline run {str(parent)[:8]})"
+        out[stage] = "ran" if parent in own else f"cached (computed by pipeline run {str(parent)[:8]})"
     return out
 
 
