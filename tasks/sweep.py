@@ -135,11 +135,12 @@ def finish_sweep(context: RunContext, winner: RunContext, register: RegisterSett
     """The gate's decision on the sweep's run, ``outputs/<name>/sweeps/<sweep run>/sweep.json``; the text."""
     cfg = register.config
     root = Path(cfg.output_dir) / cfg.name
-    decision = json.loads((root / "runs" / winner.pipeline_run_id / "summary.json").read_text())["registry"]
+    # The decision as register left it on the winner's run (on a cluster this task's pod has no summary file).
+    client = registry.client_for(context.tracking_uri)
+    tags = client.get_run(winner.pipeline_run_id).data.tags
+    decision = {k: v for k, v in tags.items() if k.startswith(("registry.", "gate."))}
     sweep = MlflowTracker(context.experiment, context.tracking_uri, run_id=context.pipeline_run_id)
-    sweep.set_tags({"registry.version": decision["version"], "registry.promoted": decision["promoted"],
-                    "registry.reason": decision["reason"][:4000],
-                    **registry.decision_tags({"tests": {}, **decision})})
+    sweep.set_tags(decision)
     sweep.close()
     own = root / "sweeps" / context.pipeline_run_id
     own.mkdir(parents=True, exist_ok=True)
