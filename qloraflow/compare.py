@@ -3,9 +3,11 @@
     qloraflow compare --experiment qloraflow-demo --params train.learning_rate lora.r \
         --metrics candidate.exact_match candidate.heldout_loss --sort candidate.exact_match --out compare.png
 
-Each row is one pipeline run (the parent run the first task opens, tagged with its Flyte execution
-id); its loss curve comes from its nested ``train`` stage run. The same runs, params and metrics are
-what ``mlflow ui`` shows, so the two views agree.
+    qloraflow compare --experiment qloraflow-demo --sweep 0d24b52e --metrics validation.eval_loss  # one sweep's trials
+
+Each row is one pipeline run (a sweep's trial is one, ``workflows/sweep.py``): the parent run the first
+task opens, tagged with its Flyte execution id; its loss curve comes from its nested ``train`` stage
+run. The same runs, params and metrics are what ``mlflow ui`` shows, so the two views agree.
 """
 
 from __future__ import annotations
