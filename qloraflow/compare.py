@@ -3,9 +3,11 @@
     qloraflow compare --experiment qloraflow-demo --params train.learning_rate lora.r \
         --metrics candidate.exact_match candidate.heldout_loss --sort candidate.exact_match --out compare.png
 
-Each row is one pipeline run (the parent run the first task opens, tagged with its Flyte execution
-id); its loss curve comes from its nested ``train`` stage run. The same runs, params and metrics are
-what ``mlflow ui`` shows, so the two views agree.
+    qloraflow compare --experiment qloraflow-demo --sweep 0d24b52e --metrics validation.eval_loss  # one sweep's trials
+
+Each row is one pipeline run (a sweep's trial is one, ``workflows/sweep.py``): the parent run the first
+task opens, tagged with its Flyte execution id; its loss curve comes from its nested ``train`` stage
+run. The same runs, params and metrics are what ``mlflow ui`` shows, so the two views agree.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ class ExperimentNotFound(QloraflowError, ValueError):
     """The experiment named is not in the tracking store."""
 
 
-def pipeline_runs(client: Any, experiment: str) -> list[Any]:
+def pipeline_runs(client: Any, experiment: str, sweep: Optional[str] = None) -> list[Any]:
+    """The experiment's pipeline runs (a sweep's trials among them), oldest first; with ``sweep`` (a sweep
+    run's id or its first characters) only that sweep's trials."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         known = sorted(e.name for e in client.search_experiments())
@@ -34,7 +38,15 @@ def pipeline_runs(client: Any, experiment: str) -> list[Any]:
             "--tracking-uri / $MLFLOW_TRACKING_URI at the store the pipeline wrote")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`qloraflow.pipeline` = 'finetune'",
                               max_results=1000)
+    if sweep:
+        runs = [r for r in runs if r.data.tags.get("qloraflow.sweep", "").startswith(sweep)]
     return sorted(runs, key=lambda r: r.info.start_time)
+
+
+def run_label(run: Any) -> str:
+    """A run in tables and legends: its id's start, and a sweep trial's number and values."""
+    tags = run.data.tags
+    return f"{run.info.run_id[:8]} trial {tags['sweep.trial']}" if "sweep.trial" in tags else run.info.run_id[:8]
 
 
 def stage_run(client: Any, parent: Any, stage: str) -> Optional[Any]:
@@ -50,6 +62,8 @@ def comparison_table(runs: list[Any], params: list[str], metrics: list[str], sor
     rows = []
     for r in runs:
         row = {"run": r.info.run_id[:8], "execution": r.data.tags.get("flyte.execution_id", "")}
+        if any("sweep.trial" in x.data.tags for x in runs):
+            row["trial"] = r.data.tags.get("sweep.label", "")
         row.update({p: r.data.params.get(p, "") for p in params})
         row.update({m: r.data.metrics.get(m) for m in metrics})
         rows.append(row)
@@ -83,13 +97,13 @@ def plot(client: Any, runs: list[Any], metrics: list[str], out_png: str) -> str:
         if train is None:
             continue
         history = sorted(client.get_metric_history(train.info.run_id, "loss"), key=lambda m: m.step)
-        left.plot([m.step for m in history], [m.value for m in history], label=r.info.run_id[:8])
+        left.plot([m.step for m in history], [m.value for m in history], label=run_label(r))
     left.set(title="train loss", xlabel="step", ylabel="loss")
     left.legend(fontsize=8)
     width = 0.8 / max(len(runs), 1)
     for i, r in enumerate(runs):
         values = [r.data.metrics.get(m, 0.0) for m in metrics]
-        right.bar([j + i * width for j in range(len(metrics))], values, width, label=r.info.run_id[:8])
+        right.bar([j + i * width for j in range(len(metrics))], values, width, label=run_label(r))
     right.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics, rotation=20, fontsize=8)
     right.set(title="eval metrics")
     right.legend(fontsize=8)
@@ -109,6 +123,8 @@ def add_compare_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParse
                     help=f"run params to show as columns (default: {' '.join(DEFAULT_PARAMS)})")
     ap.add_argument("--metrics", nargs="*", default=DEFAULT_METRICS, metavar="METRIC",
                     help=f"run metrics to show and plot (default: {' '.join(DEFAULT_METRICS)})")
+    ap.add_argument("--sweep", default=None, metavar="RUN", help="only the trials of this sweep (its MLflow run id, "
+                    "or its first characters, as workflows/sweep.py prints it)")
     ap.add_argument("--sort", default=None, help="a metric or param to sort by (descending)")
     ap.add_argument("--ascending", action="store_true", help="sort ascending instead")
     ap.add_argument("--out", default="compare.png", help="PNG with loss curves and metric bars (default: %(default)s)")
@@ -134,7 +150,7 @@ def run_compare(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     check_reachable(uri)
     client = MlflowClient(uri)
-    runs = pipeline_runs(client, args.experiment)
+    runs = pipeline_runs(client, args.experiment, args.sweep)
     print(format_table(comparison_table(runs, args.params, args.metrics, args.sort, not args.ascending)))
     if runs:
         print(f"wrote {os.path.abspath(plot(client, runs, args.metrics, args.out))}")

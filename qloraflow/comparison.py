@@ -185,3 +185,20 @@ def paired_tests_html(tests: dict[str, dict[str, Any]]) -> str:
                    for what, t in tests.items())
     return ("<h3>Paired tests (matched by record id)</h3><table border=1><tr><th>comparison</th>"
             + "".join(f"<th>{c}</th>" for c in columns) + f"</tr>{rows}</table>")
+
+
+def gate_html(decision: dict[str, Any], gate_metric: str) -> str:
+    """The promotion gate's decision (``qloraflow.registry.promote``) as an HTML section: promoted or not and
+    why, and per side (base, champion) the difference, its interval, p-value, n and how it was compared."""
+    promoted = bool(decision.get("promoted"))
+    columns = ("candidate", "reference", "difference", "lower", "upper", "confidence", "p_value", "n", "method",
+               "source", "passed")
+    cell = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    rows = "".join(f"<tr><td>{html.escape(str(t.get('against', side)))}</td>"
+                   + "".join(f"<td>{html.escape(cell(t.get(c)))}</td>" for c in columns) + "</tr>"
+                   for side, t in (decision.get("tests") or {}).items())
+    table = ("<table border=1><tr><th>against</th>" + "".join(f"<th>{c}</th>" for c in columns)
+             + f"</tr>{rows}</table>") if rows else ""
+    return (f"<h3>Promotion gate on {html.escape(gate_metric)}: "
+            f"{'promoted' if promoted else 'not promoted'}</h3>"
+            f"<p>{html.escape(str(decision.get('reason', '')))}</p>{table}")

@@ -261,6 +261,25 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    """A search over config keys (``workflows/sweep.py``); the plain pipeline ignores this section."""
+
+    method: str = _f("grid", "grid: every combination of the params' values; random: sweep.num_trials of those "
+                             "combinations, drawn without repetition (seeded by the config's seed).")
+    params: dict = _f({}, "Config keys to vary and the values to try, e.g. {train.learning_rate: [1.0e-4, 3.0e-4], "
+                          "lora.r: [4, 8]}. Only lora.* and train.* keys (not the execution-only ones): trials "
+                          "share the data and tokenize stages and are compared on one validation split.")
+    metric: str = _f("eval_loss", "What picks the winner: eval_loss, each trial's best loss on the validation split "
+                                  "(lower is better; needs train.eval_steps > 0 and data.validation_fraction > 0). "
+                                  "Never a test metric: the winner is then gated on the test set it was not picked on.")
+    num_trials: int = _f(0, "random: how many combinations to train (>= 1). grid: 0 (every combination).")
+
+
+SWEEP_SECTIONS = ("lora", "train")
+SWEEP_METRICS = ("eval_loss",)
+
+
+@dataclass
 class FinetuneConfig:
     """The whole pipeline: one section per stage."""
 
@@ -277,6 +296,7 @@ class FinetuneConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -303,6 +323,8 @@ CHOICES = {
     "train.backend": {"hf", "unsloth", "auto"},
     "train.distributed": {"ddp", "fsdp"},
     "train.lr_scheduler": {"cosine", "linear", "constant", "constant_with_warmup"},
+    "sweep.method": {"grid", "random"},
+    "sweep.metric": set(SWEEP_METRICS),
 }
 EVAL_METRICS = {"exact_match", "execution_accuracy", "rouge_l", "chrf"}
 
@@ -502,6 +524,58 @@ def validate(cfg: FinetuneConfig) -> list[str]:
         p.append(f"'serve.startup_timeout_s' must be > 0, got {cfg.serve.startup_timeout_s}")
     if not 0 <= cfg.serve.port < 65536:
         p.append(f"'serve.port' must be in [0, 65535], got {cfg.serve.port}")
+    return p + sweep_problems(cfg)
+
+
+def sweep_problems(cfg: FinetuneConfig) -> list[str]:
+    """What is wrong with ``cfg.sweep``: keys that do not exist or may not vary, values of the wrong type or
+    that would fail the config's own checks (each value tried alone), and the settings the metric needs."""
+    s, p = cfg.sweep, []
+    if not s.params:
+        if s.num_trials:
+            p.append("'sweep.num_trials' is set but 'sweep.params' is empty; list the keys to vary")
+        return p
+    plain = dataclasses.replace(cfg, sweep=SweepConfig())
+    combinations = 1
+    for dotted, values in s.params.items():
+        where = f"'sweep.params.{dotted}'"
+        sec, _, key = str(dotted).partition(".")
+        section = getattr(cfg, sec, None) if sec in SWEEP_SECTIONS else None
+        fields = {f.name: f for f in dataclasses.fields(section)} if section is not None else {}
+        if sec not in SWEEP_SECTIONS:
+            p.append(f"{where}: only {' and '.join(k + '.*' for k in SWEEP_SECTIONS)} keys can be swept (trials share "
+                     "the data and tokenize stages and one validation split); write e.g. train.learning_rate")
+            continue
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            p.append(f"{where}: '{sec}' has no key '{key}'" + (f" (did you mean '{sec}.{close[0]}'?)" if close
+                                                                 else f"; its keys: {', '.join(fields)}"))
+            continue
+        if fields[key].metadata.get("execution_only") or dotted in ("train.num_gpus", "train.use_cpu"):
+            p.append(f"{where}: says how the work is spread, not what it produces; it cannot be swept")
+            continue
+        if not isinstance(values, list) or not values:
+            p.append(f"{where} must be a non-empty list of values, e.g. [1.0e-4, 3.0e-4], got {values!r}")
+            continue
+        combinations *= len(values)
+        if len(set(map(json.dumps, values))) < len(values):
+            p.append(f"{where} lists a value twice: {values}")
+        tp = typing.get_type_hints(type(section))[key]
+        for v in values:
+            if not _type_ok(v, tp):
+                p.append(f"{where}: {v!r} must be {_type_name(tp)}{_yaml_number_hint(v, tp)}")
+                continue
+            one = dataclasses.replace(plain, **{sec: dataclasses.replace(section, **{key: float(v) if tp is float else v})})
+            p += [f"{where}: value {v!r} fails: {problem}" for problem in validate(one) if f"'{dotted}'" in problem]
+    if s.method == "random" and not 1 <= s.num_trials <= combinations:
+        p.append(f"'sweep.num_trials' must be between 1 and {combinations} (the combinations of 'sweep.params') "
+                 f"with 'sweep.method' random, got {s.num_trials}")
+    if s.method == "grid" and s.num_trials not in (0, combinations):
+        p.append(f"'sweep.num_trials' is {s.num_trials} but a grid trains every combination ({combinations}); "
+                 "leave it 0, or use 'sweep.method' random")
+    if s.metric == "eval_loss" and (cfg.train.eval_steps < 1 or cfg.data.validation_fraction <= 0):
+        p.append("'sweep.metric' eval_loss is the validation loss: set 'train.eval_steps' > 0 and "
+                 "'data.validation_fraction' > 0")
     return p
 
 

@@ -67,7 +67,8 @@ def _write(path: Path, data: str | bytes) -> Path:
 
 
 def keep_execution(root: str | os.PathLike, run_id: str, merged_model: Optional[str], pages: dict[str, str],
-                   results: dict[str, dict[str, float]], samples: dict[str, list[dict]]) -> dict[str, Any]:
+                   results: dict[str, dict[str, float]], samples: dict[str, list[dict]],
+                   gate_section: str = "") -> dict[str, Any]:
     """Keep one execution's model, plots, samples and stage pages under ``root/runs/<run_id>/``.
 
     Args:
@@ -77,6 +78,8 @@ def keep_execution(root: str | os.PathLike, run_id: str, merged_model: Optional[
         pages: stage -> its Deck page (``report_html`` of its result); empty pages are skipped.
         results: model (base, candidate, merged, champion) -> metrics.
         samples: model -> its answered samples (dicts with messages, reference, answer, id).
+        gate_section: the promotion gate's decision as HTML (``qloraflow.comparison.gate_html``), shown
+            at the top of the kept evaluation page.
 
     Returns:
         What was kept, as paths relative to ``root``: ``merged_model`` (or ``merged_model_uri``),
@@ -93,7 +96,7 @@ def keep_execution(root: str | os.PathLike, run_id: str, merged_model: Optional[
     png = Path(comparison_png(results, own / "comparison.png"))
     table = samples_table(samples)
     _write(own / "eval_samples.json", json.dumps(table, indent=1))
-    page = evaluation_html(results, table, png.read_bytes())
+    page = gate_section + evaluation_html(results, table, png.read_bytes())
     _write(own / "evaluation.html", page_html("evaluation", page))
     kept.update(comparison_png=relative(root, png), eval_samples=relative(root, own / "eval_samples.json"),
                 evaluation_html=relative(root, own / "evaluation.html"))

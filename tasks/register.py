@@ -21,15 +21,17 @@ from flytekit import task
 from flytekit.types.directory import FlyteDirectory
 
 from qloraflow import registry
+from qloraflow.comparison import gate_html
 from qloraflow.evaluate import evaluate_model
 from qloraflow.mlflow_model import global_store, hf_folder, log_merged_model
 from qloraflow.modelcard import with_results
 from qloraflow.outputs import keep_execution
+from qloraflow.reports import page_html
 from qloraflow.stages import (DataResult, DeployResult, EvalResult, MergeResult, RegisterSettings, RunContext,
                               TokenizeResult, TrainResult)
 from qloraflow.tracking import MlflowTracker
 from tasks import policy
-from tasks.common import execution_id, fail_pipeline_run, local_folder, print_line
+from tasks.common import execution_id, fail_pipeline_run, local_folder, print_line, show_deck
 
 
 def _champion_side(cfg, client, data: str, tok: str, test_key: str) -> dict:  # noqa: ANN001
@@ -66,7 +68,7 @@ def _report(folder: str, run_id: str) -> dict:
     return {**json.loads((Path(folder) / "report.json").read_text()), "mlflow_run_id": run_id}
 
 
-@task(container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES)
+@task(container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES, enable_deck=True)
 def register_and_promote(settings: RegisterSettings, context: RunContext, data: DataResult, data_dir: FlyteDirectory,
                          tokenized: TokenizeResult, tok_dir: FlyteDirectory, trained: TrainResult,
                          evaluated: EvalResult, merged: MergeResult, merged_dir: FlyteDirectory,
@@ -156,8 +158,12 @@ def _register_and_promote(settings: RegisterSettings, context: RunContext, data:
     source = merged_dir.remote_source or merged_dir.path
     samples = {**{m: [dataclasses.asdict(s) for s in ss.values()] for m, ss in evaluated.samples.items()},
                "merged": [dataclasses.asdict(s) for s in merged.samples.values()]}
+    # The decision on the evaluation page (kept, and this task's Deck) beside the metrics it was taken on.
+    gate_section = gate_html(decision, gate)
+    pages["register"] = page_html("register", gate_section)
+    show_deck({"promotion gate": gate_section})
     kept = keep_execution(root, pipeline_run_id, source if "://" in source or os.path.isdir(source) else None,
-                          pages, results, samples)
+                          pages, results, samples, gate_section=gate_section)
     tracker.log_artifact(root / kept["comparison_png"], "evaluate")
     tracker.log_table(json.loads((root / kept["eval_samples"]).read_text()), "eval_samples.json")  # sortable
     tracker.set_tags({**{f"stage.{k}": v for k, v in stages.items()}, "registry.version": version,
@@ -242,7 +248,18 @@ def render_champion_manifests(cfg, client, version: str) -> Path:  # noqa: ANN00
 
 
 def stage_provenance(client, pipeline_run_id: str, reports: dict) -> dict[str, str]:  # noqa: ANN001
-    """For each stage: 'ran' in this execution, 'cached' with the pipeline run that computed it, or 'skipped'."""
+    """For each stage: 'ran' in this execution, 'cached' with the pipeline run that computed it, or 'skipped'.
+
+    A sweep's trial (``workflows/sweep.py``) shares the data and tokenize stages, whose runs nest under
+    the sweep's run: those count as this execution's too.
+    """
+    own = {pipeline_run_id}
+    try:
+        sweep = client.get_run(pipeline_run_id).data.tags.get("qloraflow.sweep")
+    except Exception:  # noqa: BLE001 - a deleted run
+        sweep = None
+    if sweep:
+        own.add(sweep)
     out = {}
     for stage, report in reports.items():
         run_id = report.get("mlflow_run_id")
@@ -256,7 +273,7 @@ def stage_provenance(client, pipeline_run_id: str, reports: dict) -> dict[str, s
             parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
         except Exception:  # noqa: BLE001 - the run was deleted: the output still came from the cache
             parent = None
-        out[stage] = "ran" if parent == pipeline_run_id else f"cached (computed by pipeline run {str(parent)[:8]})"
+        out[stage] = "ran" if parent in own else f"cached (computed by pipeline run {str(parent)[:8]})"
     return out
 
 

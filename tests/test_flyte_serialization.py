@@ -146,7 +146,8 @@ def test_pyflyte_package_serializes_every_task_workflow_and_launch_plan(tmp_path
                 plan = launch_plan_pb2.LaunchPlan.FromString(data)
                 plans[plan.id.name] = plan
     assert {"workflows.finetune.finetune", "workflows.sharded.sharded_data",
-            "workflows.sharded.sharded_tokenize"} <= set(workflows)
+            "workflows.sharded.sharded_tokenize", "workflows.sweep.sweep"} <= set(workflows)
+    assert {"workflows.sweep.train_trials", "tasks.sweep.resolve_sweep", "tasks.sweep.pick_trial"} <= set(tasks)
     assert {"nightly_retrain", "retrain_on_new_data"} <= set(plans)
     assert plans["nightly_retrain"].spec.entity_metadata.schedule.cron_schedule.schedule == "0 2 * * *"
     assert "config" in plans["nightly_retrain"].spec.fixed_inputs.literals
