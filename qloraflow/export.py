@@ -211,7 +211,7 @@ def ollama_template(tokenizer: Any, conversations: list[list[dict]]) -> tuple[Op
             system = text.split(head, 1)[1].split(end, 1)[0]
         samples = conversations + [plain]
         ok = all(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                 == render(system or next((m["content"] for m in c if m["role"] == "system"), ""),
+                 == render(next((m["content"] for m in c if m["role"] == "system"), system),
                            [m for m in c if m["role"] != "system"]) for c in samples)
         if ok:
             return go, system
@@ -248,7 +248,8 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: list[str], co
     """Write and check one GGUF (and its Modelfile) per type; return the report (also ``report.json``).
 
     Raises:
-        ExportError: a conversion failed, or an export failed its check (the files stay for inspection).
+        ExportError: a conversion failed, or an export failed its check (every type is checked first; the
+            files and ``report.json`` stay for inspection).
     """
     model_dir, out = Path(model_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +265,7 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: list[str], co
     generation = model.generation_config.to_dict()
     del model
     f16: Optional[Path] = None
+    failures: list[str] = []
     for gguf_type in types:
         path = out / f"model-{gguf_type}.gguf"
         started = time.perf_counter()
@@ -273,8 +275,12 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: list[str], co
             f16 = f16 or convert(model_dir, out / ".model-f16.gguf", "f16", python)
             quantize(f16, path, gguf_type, python)
         seconds = time.perf_counter() - started
-        check = check_gguf(path, gguf_type, reference, conversations, tokenizer, stops, python, max_new_tokens,
-                           (min_agreement or {}).get(gguf_type), n_ctx=n_ctx)
+        try:
+            check = check_gguf(path, gguf_type, reference, conversations, tokenizer, stops, python, max_new_tokens,
+                               (min_agreement or {}).get(gguf_type), n_ctx=n_ctx)
+        except ExportError as err:  # check the other types too, then fail with every reason
+            failures.append(str(err))
+            check = json.loads((out / f"check-{gguf_type}.json").read_text())
         modelfile = write_modelfile(out, path.name, [tokenizer.convert_ids_to_tokens(i) for i in stops], template,
                                     system, generation, n_ctx)
         report["gguf"][gguf_type] = {**check, "convert_seconds": round(seconds, 2), "modelfile": modelfile.name}
@@ -282,4 +288,54 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: list[str], co
         f16.unlink()
     report["ollama_template"] = "from the chat format" if template else "the GGUF's own (no known family matched)"
     (out / "report.json").write_text(json.dumps(report, indent=1))
+    if failures:
+        raise ExportError("\n".join(failures))
     return report
+
+
+def _jsonl_conversations(path: Path, n: int) -> list[list[dict]]:
+    """The first ``n`` records of an alpaca (instruction/input) or messages JSONL file, as prompt turns."""
+    chats = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("messages"):
+            chats.append([m for m in row["messages"] if m.get("role") != "assistant"])
+        elif isinstance(row, dict) and row.get("instruction"):
+            text = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+            chats.append([{"role": "user", "content": text}])
+        if len(chats) == n:
+            break
+    return chats
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """``python -m qloraflow.export MODEL_DIR OUT --gguf q8_0 q4_k_m --prompts test.jsonl``: export and check."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m qloraflow.export", description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--gguf", nargs="+", default=["q8_0"], help="GGUF types (default q8_0)")
+    parser.add_argument("--prompts", type=Path, required=True, help="held-out JSONL (alpaca or messages records)")
+    parser.add_argument("-n", type=int, default=16, help="prompts checked (first N)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--python", default=".venv-export/bin/python", help="the export environment's Python")
+    args = parser.parse_args(argv)
+    try:
+        report = export_gguf(args.model_dir, args.out, args.gguf, _jsonl_conversations(args.prompts, args.n),
+                             python=args.python, max_new_tokens=args.max_new_tokens)
+    except ExportError as err:
+        print(f"FAILED: {err}")
+        report = json.loads((args.out / "report.json").read_text())
+    for t, r in report["gguf"].items():
+        print(f"{r['file']:20s} {r['bytes'] / 2**20:8.1f} MiB  agreement {r['agreement']:.1%} (>= "
+              f"{r['min_agreement']:.0%})  stopped {r['stopped']}/{r['prompts']}  convert {r['convert_seconds']} s  "
+              f"llama.cpp {r['llama_cpp_seconds']} s  {r['modelfile']}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
