@@ -245,6 +245,10 @@ class ExportConfig:
                                 "greedy answers each export must reproduce.")
     max_new_tokens: int = _f(64, "Generation limit of the parity check; an answer that reaches it never hit the "
                                  "stop token and fails the check.")
+    mlx: bool = _f(False, "Also write an MLX folder (mlx-lm conversion, for Apple Silicon) and check that it loads "
+                          "and answers the held-out prompts.")
+    mlx_quantize: bool = _f(False, "Quantize the MLX folder (mlx-lm's default 4-bit).")
+    mlx_python: str = _f(".venv-mlx/bin/python", "Python of the environment with mlx[cpu]/mlx and mlx-lm.")
     min_agreement: dict[str, float] = _f({}, "Per GGUF type, the least share of prompts whose greedy answer must "
                                              "equal the merged model's token for token; types not listed use the "
                                              "defaults of qloraflow/export.py (q8_0: 0.95).")

@@ -194,6 +194,31 @@ def check_gguf(path: Path, gguf_type: str, reference: list[dict], conversations:
     return report
 
 
+def check_mlx(model_dir: Path, folder: Path, reference: list[dict], conversations: list[list[dict]], python: str,
+              max_new_tokens: int, quantize: bool) -> dict[str, Any]:
+    """Convert with mlx-lm, load the folder there and answer; fail unless it renders and answers every prompt."""
+    from qloraflow.export_mlx import answer_mlx, convert_mlx
+
+    started = time.perf_counter()
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    convert_mlx(model_dir, folder, python, quantize=quantize)
+    converted = time.perf_counter() - started
+    answers = answer_mlx(folder, conversations, max_new_tokens, python)
+    problems = [f"prompt {i}: mlx-lm renders {a['rendered']!r}, the merged tokenizer {r['rendered']!r}"
+                for i, (r, a) in enumerate(zip(reference, answers)) if a["rendered"] != r["rendered"]][:3]
+    problems += [f"prompt {i}: mlx-lm answered nothing" for i, a in enumerate(answers) if not a["text"].strip()][:3]
+    if problems:
+        raise ExportError(f"{folder}: the MLX export fails its check:\n  - " + "\n  - ".join(problems))
+    same = sum(a["text"].strip() == r["text"].strip() for r, a in zip(reference, answers))
+    return {"folder": folder.name, "quantized": quantize, "agreement": same / max(1, len(answers)),
+            "answered": len(answers), "convert_seconds": round(converted, 2),
+            "answer_seconds": round(time.perf_counter() - started - converted, 2),
+            "bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())}
+
+
 def ollama_template(tokenizer: Any, conversations: list[list[dict]]) -> tuple[Optional[str], str]:
     """The Go TEMPLATE and default SYSTEM of an Ollama Modelfile for this tokenizer's chat template.
 
@@ -244,8 +269,13 @@ def write_modelfile(folder: Path, gguf_name: str, stop_tokens: list[str], templa
 
 
 def export_gguf(model_dir: str | Path, out_dir: str | Path, types: list[str], conversations: list[list[dict]],
-                python: str, max_new_tokens: int = 64, min_agreement: Optional[dict[str, float]] = None) -> dict:
+                python: str, max_new_tokens: int = 64, min_agreement: Optional[dict[str, float]] = None,
+                mlx_python: Optional[str] = None, mlx_quantize: bool = False) -> dict:
     """Write and check one GGUF (and its Modelfile) per type; return the report (also ``report.json``).
+
+    With ``mlx_python`` (the mlx-lm environment) an MLX folder ``mlx/`` is written too; it must load
+    and answer every prompt from the same rendered prompt as the merged model (its greedy agreement,
+    in MLX's bf16 arithmetic, is reported, not gated).
 
     Raises:
         ExportError: a conversion failed, or an export failed its check (every type is checked first; the
@@ -286,6 +316,12 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: list[str], co
         report["gguf"][gguf_type] = {**check, "convert_seconds": round(seconds, 2), "modelfile": modelfile.name}
     if f16 is not None:
         f16.unlink()
+    if mlx_python:
+        try:
+            report["mlx"] = check_mlx(model_dir, out / "mlx", reference, conversations, mlx_python, max_new_tokens,
+                                      mlx_quantize)
+        except ExportError as err:
+            failures.append(str(err))
     report["ollama_template"] = "from the chat format" if template else "the GGUF's own (no known family matched)"
     (out / "report.json").write_text(json.dumps(report, indent=1))
     if failures:

@@ -62,7 +62,8 @@ def convert(model_dir: str | Path, outfile: str | Path, outtype: str, python: st
     command = [python, "-m", "qloraflow.export_gguf", "convert", str(model_dir), str(tmp), outtype]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)
         raise ExportError(f"convert_hf_to_gguf.py failed on {model_dir} (--outtype {outtype}):\n"
@@ -98,7 +99,9 @@ def run_worker(python: str, request: dict, timeout_s: float) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(request, f)
     try:
-        done = subprocess.run([python, str(worker), f.name], capture_output=True, text=True, timeout=timeout_s)
+        # -m from the checkout (not the script's path: qloraflow/tokenize.py would shadow the standard library's).
+        done = subprocess.run([python, "-m", "qloraflow.llamacpp_worker", f.name], capture_output=True, text=True,
+                              timeout=timeout_s, cwd=worker.parents[1])
     finally:
         os.unlink(f.name)
     lines = done.stdout.strip().splitlines()

@@ -4,7 +4,7 @@ mlx-lm runs in an environment of its own (``.venv-mlx``: ``mlx[cpu]==0.32.4`` an
 Linux x86-64 and run on the CPU, slowly: fine for a few tokens of a check). Both steps run there::
 
     .venv-mlx/bin/python -m mlx_lm convert --hf-path MODEL_DIR --mlx-path OUT [-q]
-    .venv-mlx/bin/python qloraflow/export_mlx.py answer OUT request.json
+    .venv-mlx/bin/python -m qloraflow.export_mlx answer OUT request.json
 
 The check loads the converted folder with ``mlx_lm.load`` and answers the held-out prompts greedily,
 rendered by the folder's own chat template; the caller compares them with the merged model's.
@@ -43,8 +43,10 @@ def answer_mlx(folder: str | Path, conversations: list[list[dict]], max_new_toke
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"conversations": conversations, "max_new_tokens": max_new_tokens}, f)
-    done = subprocess.run([python, __file__, "answer", str(folder), f.name], capture_output=True, text=True,
-                          timeout=timeout_s)
+    # -m from the checkout (not the script's path: qloraflow/tokenize.py would shadow the standard library's).
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([python, "-m", "qloraflow.export_mlx", "answer", str(folder), f.name], capture_output=True,
+                          text=True, timeout=timeout_s, cwd=root)
     Path(f.name).unlink()
     if done.returncode != 0:
         raise ExportError(f"mlx-lm could not load or answer with {folder}:\n" + (done.stdout + done.stderr)[-1500:])

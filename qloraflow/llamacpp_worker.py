@@ -4,7 +4,7 @@ The training environment has no llama.cpp build (``make setup-export`` builds on
 ``.venv-export``), so ``qloraflow.export`` runs this file there, as the serve stage runs vLLM in its
 own environment. It imports nothing from qloraflow: a JSON request in, a JSON answer on stdout::
 
-    .venv-export/bin/python qloraflow/llamacpp_worker.py request.json
+    .venv-export/bin/python -m qloraflow.llamacpp_worker request.json   # from the checkout
 
 Requests: ``{"op": "quantize", "src": F16_GGUF, "dst": OUT_GGUF, "ftype": "q4_k_m"}`` and
 ``{"op": "generate", "gguf": PATH, "conversations": [[{"role": ..., "content": ...}, ...], ...],

@@ -173,7 +173,7 @@ class ExportSettings:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.export.gguf)
+        return bool(self.export.gguf) or self.export.mlx
 
 
 @dataclass
@@ -318,7 +318,7 @@ class ExportResult:
 
     skipped: Optional[str] = None
     gguf: dict[str, float] = field(default_factory=dict)
-    """Greedy agreement with the merged model per GGUF type (every one passed its check)."""
+    """Greedy agreement with the merged model per GGUF type (every one passed its check); ``mlx`` for the MLX folder."""
     files: dict[str, str] = field(default_factory=dict)
     """File name -> sha256 of each GGUF and Modelfile in the export folder."""
     mlflow_run_id: str = ""

@@ -44,16 +44,17 @@ def export_model(settings: ExportSettings, merged_dir: FlyteDirectory, merged: M
     out = work_dir("export") / "export"
     out.mkdir(parents=True, exist_ok=True)
     if not settings.enabled:
-        page = "<h3>Export</h3><p>skipped: export.gguf is empty</p>"
+        page = "<h3>Export</h3><p>skipped: export.gguf is empty and export.mlx is false</p>"
         return ExportOutput(export_dir=FlyteDirectory(str(out)), result=ExportResult(
-            skipped="export.gguf is empty", report_html=page_html("export", page)))
+            skipped="export.gguf is empty and export.mlx is false", report_html=page_html("export", page)))
     cfg = settings.export
     # Held-out prompts: the merged model's own test records, in id order (the prompt turns only).
     conversations = [[m for m in s.messages if m.get("role") != "assistant"]
                      for _, s in sorted(merged.samples.items())][: cfg.probe_samples]
     with stage_run(context, "export") as tracker:
         report = export_gguf(local_folder(merged_dir), out, cfg.gguf, conversations, python=cfg.python,
-                             max_new_tokens=cfg.max_new_tokens, min_agreement=cfg.min_agreement)
+                             max_new_tokens=cfg.max_new_tokens, min_agreement=cfg.min_agreement,
+                             mlx_python=cfg.mlx_python if cfg.mlx else None, mlx_quantize=cfg.mlx_quantize)
         tracker.log_metrics({f"export.{t}.agreement": r["agreement"] for t, r in report["gguf"].items()})
         tracker.log_metrics({f"export.{t}.mib": r["bytes"] / 2**20 for t, r in report["gguf"].items()})
         tracker.log_artifact(out, "export")
@@ -63,7 +64,12 @@ def export_model(settings: ExportSettings, merged_dir: FlyteDirectory, merged: M
         print_line("export", f"{r['file']} ({r['bytes'] / 2**20:.1f} MiB): greedy agreement {r['agreement']:.1%} "
                              f"(>= {r['min_agreement']:.0%}), {r['stopped']}/{r['prompts']} answers end at "
                              f"{r['eos_token']!r}; ollama create NAME -f {r['modelfile']}")
+    agreement = {t: float(r["agreement"]) for t, r in report["gguf"].items()}
+    if report.get("mlx"):
+        agreement["mlx"] = float(report["mlx"]["agreement"])
+        print_line("export", f"mlx/ ({report['mlx']['bytes'] / 2**20:.1f} MiB) loads and answers under mlx-lm; "
+                             f"greedy agreement {report['mlx']['agreement']:.1%}")
     files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith(".")}
     return ExportOutput(export_dir=FlyteDirectory(str(out)), result=ExportResult(
-        gguf={t: float(r["agreement"]) for t, r in report["gguf"].items()}, files=files,
+        gguf=agreement, files=files,
         mlflow_run_id=tracker.run_id, report_html=page_html("export", page)))

@@ -170,7 +170,7 @@ def register_and_promote(settings: RegisterSettings, context: RunContext, data: 
 def export_tags(exported: ExportResult) -> dict[str, str]:
     """Registered-version tags of the checked exports: where the files are, and each GGUF type's agreement."""
     return {"export.artifacts": f"runs:/{exported.mlflow_run_id}/export",
-            **{f"export.gguf.{t}.agreement": f"{a:.4f}" for t, a in exported.gguf.items()},
+            **{f"export.{t}.agreement": f"{a:.4f}" for t, a in exported.gguf.items()},
             **{f"export.sha256.{f}": h for f, h in exported.files.items() if f.endswith(".gguf")}}
 
 

@@ -63,7 +63,7 @@ def test_ollama_template_renders_like_the_chat_template(tiny_tokenizer, tmp_path
 @pytest.fixture(scope="module")
 def stopping_model(tmp_path_factory, small_demo):
     """The demo's tiny Llama, fine-tuned until its answers end at ``<|im_end|>`` (see tests/export_model.py)."""
-    from tests.export_model import train_stopping_model
+    from export_model import train_stopping_model
 
     return train_stopping_model(small_demo, tmp_path_factory.mktemp("stopping") / "merged_model", steps=300)
 
@@ -71,7 +71,7 @@ def stopping_model(tmp_path_factory, small_demo):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, stopping_model, small_demo):
     from qloraflow.export import export_gguf
-    from tests.export_model import conversations
+    from export_model import conversations
 
     out = tmp_path_factory.mktemp("export")
     chats = conversations(small_demo / "data" / "test.jsonl", 16)
@@ -147,3 +147,25 @@ def test_negative_control_stop_token_moved_fails(tmp_path, exported, stopping_mo
     with pytest.raises(ExportError) as err:
         _check(broken, exported, stopping_model)
     assert "eos token id is 3, not one of the merged model's stop ids [2]" in str(err.value)
+
+
+MLX_PYTHON = str(ROOT / ".venv-mlx" / "bin" / "python")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(MLX_PYTHON).exists(), reason="no .venv-mlx (mlx[cpu]==0.32.4 and mlx-lm)")
+def test_mlx_export_loads_and_answers(tmp_path, stopping_model, small_demo):
+    from qloraflow.export import _load_reference, check_mlx, reference_answers
+    from export_model import conversations
+
+    chats = conversations(small_demo / "data" / "test.jsonl", 4)
+    model, tokenizer = _load_reference(stopping_model)
+    reference = reference_answers(model, tokenizer, chats, 48)
+    report = check_mlx(stopping_model, tmp_path / "mlx", reference, chats, MLX_PYTHON, 48, quantize=False)
+    assert report["answered"] == 4 and (tmp_path / "mlx" / "config.json").exists()
+    # Negative control: a folder whose chat template renders otherwise is refused with the prompt named.
+    (tmp_path / "mlx" / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    from qloraflow.export_mlx import answer_mlx
+
+    answers = answer_mlx(tmp_path / "mlx", chats[:1], 4, MLX_PYTHON)
+    assert answers[0]["rendered"] != reference[0]["rendered"]
