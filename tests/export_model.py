@@ -19,13 +19,24 @@ def conversations(jsonl: Path, n: int) -> list[list[dict]]:
             for r in rows]
 
 
-def train_stopping_model(demo: Path, out: Path, steps: int = 300, batch: int = 16, seed: int = 0) -> Path:
+SMALL_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4)
+"""A narrower Llama than the demo's (about 0.5M parameters instead of 4.2M): the same tokenizer and
+architecture for the converter, eight times cheaper to teach to stop."""
+
+
+def train_stopping_model(demo: Path, out: Path, steps: int = 300, batch: int = 16, seed: int = 0,
+                         shape: dict | None = None) -> Path:
+    """Full fine-tuning of the demo's base model (or, with ``shape``, a fresh one of that shape and its tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from qloraflow.tinymodel import build_tiny_llama
+
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(demo / "base-model")
-    model = AutoModelForCausalLM.from_pretrained(demo / "base-model", dtype=torch.float32)
+    model = (build_tiny_llama(tok, seed=seed, dtype="float32", **shape) if shape
+             else AutoModelForCausalLM.from_pretrained(demo / "base-model", dtype=torch.float32))
     records = []
     for line in (demo / "data" / "train.jsonl").read_text().splitlines():
         try:  # the demo's train.jsonl carries planted broken lines for the data stage to reject
@@ -57,5 +68,6 @@ if __name__ == "__main__":
     import time
 
     t = time.time()
-    train_stopping_model(Path(sys.argv[1]), Path(sys.argv[2]), steps=int(sys.argv[3]) if len(sys.argv) > 3 else 300)
+    train_stopping_model(Path(sys.argv[1]), Path(sys.argv[2]), steps=int(sys.argv[3]) if len(sys.argv) > 3 else 300,
+                         shape=SMALL_SHAPE if "--small" in sys.argv else None)
     print(f"trained in {time.time() - t:.1f} s")

@@ -63,9 +63,10 @@ def test_ollama_template_renders_like_the_chat_template(tiny_tokenizer, tmp_path
 @pytest.fixture(scope="module")
 def stopping_model(tmp_path_factory, small_demo):
     """The demo's tiny Llama, fine-tuned until its answers end at ``<|im_end|>`` (see tests/export_model.py)."""
-    from export_model import train_stopping_model
+    from export_model import SMALL_SHAPE, train_stopping_model
 
-    return train_stopping_model(small_demo, tmp_path_factory.mktemp("stopping") / "merged_model", steps=300)
+    return train_stopping_model(small_demo, tmp_path_factory.mktemp("stopping") / "merged_model", steps=300,
+                                shape=SMALL_SHAPE)
 
 
 @pytest.fixture(scope="module")
