@@ -5,6 +5,8 @@ PYTHON      ?= python3
 VENV        := .venv
 SERVE_VENV  := .venv-serve
 LINT_VENV   := .venv-lint
+EXPORT_VENV := .venv-export
+LLAMA_WHEEL := .cache/wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
 PY          := $(VENV)/bin/python
 # Local Flyte runs keep task outputs under TMPDIR and the cache index under $HOME/.flyte: keep both in
 # the checkout, so a cache entry never points at outputs that are gone (make clean drops both).
@@ -17,7 +19,7 @@ export QLORAFLOW_SERVE_PYTHON ?= $(CURDIR)/$(SERVE_VENV)/bin/python
 # pip would print a warning for every configured-but-absent local index.
 PIP_QUIET   := -q --disable-pip-version-check
 
-.PHONY: setup setup-train setup-serve setup-lint assets assets-real demo spider test test-fast bench lock clean
+.PHONY: setup setup-train setup-serve setup-lint setup-export assets assets-real demo spider test test-fast bench lock clean
 
 setup: setup-train setup-serve setup-lint
 
@@ -50,6 +52,21 @@ $(LINT_VENV)/.installed: requirements/lint.lock
 	$(LINT_VENV)/bin/checkov --version
 	touch $@
 
+# The export environment (README "Export for local runtimes"): llama.cpp's converter needs torch, transformers and
+# sentencepiece; its binding is built ONCE from the pinned sdist (sha256 checked by pip) into .cache/wheels, about
+# 8 minutes on 2 cores, niced and one compile at a time; later runs (and `make clean`-free CI caches) reuse the wheel.
+# Not part of `make setup` or `make demo`: only `make test` and configs with export.gguf need it.
+setup-export: $(EXPORT_VENV)/.installed
+$(LLAMA_WHEEL): requirements/llama-cpp.txt
+	@mkdir -p $(TMPDIR) .cache/wheels
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-1} CMAKE_ARGS="-DLLAVA_BUILD=OFF" nice -n 19 \
+	  $(VENV)/bin/pip wheel $(PIP_QUIET) --no-deps --require-hashes -r requirements/llama-cpp.txt -w .cache/wheels
+$(EXPORT_VENV)/.installed: requirements/export.in $(LLAMA_WHEEL)
+	$(PYTHON) -m venv $(EXPORT_VENV)
+	$(EXPORT_VENV)/bin/pip install $(PIP_QUIET) -r requirements/export.in $(LLAMA_WHEEL) 2>&1 | grep -v "^WARNING: Location" || true
+	$(EXPORT_VENV)/bin/python -c "import llama_cpp, torch, transformers, sentencepiece"
+	touch $@
+
 assets: setup-train
 	$(PY) -m qloraflow.demo --out build/demo --seed 0
 
@@ -71,7 +88,7 @@ spider: setup
 	@mkdir -p $(FLYTE_HOME)
 	HOME=$(FLYTE_HOME) $(VENV)/bin/pyflyte run workflows/finetune.py finetune --config configs/smollm2-spider.yaml
 
-test: setup assets-real
+test: setup setup-export assets-real
 	$(PY) -m pytest tests -q -ra --durations=15
 
 test-fast: setup-train

@@ -86,6 +86,7 @@ ASSETS: dict[str, Asset] = {
         members=(
             "llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates",
             "llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py",
+            "llama_cpp_python-0.3.36/vendor/llama.cpp/conversion",  # the converter's model classes
             "llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py",
             "llama_cpp_python-0.3.36/vendor/llama.cpp/LICENSE",
         ),
@@ -110,9 +111,16 @@ def asset_dir(name: str) -> Path:
 
 
 def is_fetched(name: str) -> bool:
-    """True when ``fetch(name)`` would return at once (the unpacked copy matches the pin)."""
-    marker = asset_dir(name) / ".sha256"
-    return marker.exists() and marker.read_text().strip() == ASSETS[name].sha256
+    """True when ``fetch(name)`` would return at once (the unpacked copy matches the pin and has every member).
+
+    A copy unpacked before a member was added to the asset (e.g. the converter's ``conversion`` package)
+    lacks it, and is fetched again.
+    """
+    asset, folder = ASSETS[name], asset_dir(name)
+    marker = folder / ".sha256"
+    members = [m[len(asset.strip):] if m.startswith(asset.strip) else m for m in asset.members]
+    return (marker.exists() and marker.read_text().strip() == asset.sha256
+            and all((folder / m).exists() for m in members))
 
 
 def _download(asset: Asset, into: Path) -> Path:

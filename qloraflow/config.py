@@ -239,6 +239,27 @@ class ServeConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Exports for local runtimes after the merge (GGUF for llama.cpp and Ollama), each checked against it."""
+
+    gguf: list[str] = _f([], "GGUF types to write: q8_0, f16 and bf16 come from llama.cpp's converter, q4_k_m "
+                             "(and q4_k_s, q5_k_m, q6_k, q4_0) from its quantizer. Empty: no GGUF export.")
+    python: str = _f(".venv-export/bin/python", "Python of the environment with the converter's needs and the "
+                                                "llama_cpp binding (`make setup-export`).")
+    probe_samples: int = _f(16, "Held-out test prompts (the merged model's evaluation samples, first by id) whose "
+                                "greedy answers each export must reproduce.")
+    max_new_tokens: int = _f(64, "Generation limit of the parity check; an answer that reaches it never hit the "
+                                 "stop token and fails the check.")
+    mlx: bool = _f(False, "Also write an MLX folder (mlx-lm conversion, for Apple Silicon) and check that it loads "
+                          "and answers the held-out prompts.")
+    mlx_quantize: bool = _f(False, "Quantize the MLX folder (mlx-lm's default 4-bit).")
+    mlx_python: str = _f(".venv-mlx/bin/python", "Python of the environment with mlx[cpu]/mlx and mlx-lm.")
+    min_agreement: dict[str, float] = _f({}, "Per GGUF type, the least share of prompts whose greedy answer must "
+                                             "equal the merged model's token for token; types not listed use the "
+                                             "defaults of qloraflow/export.py (q8_0: 0.95).")
+
+
+@dataclass
 class RegistryConfig:
     """MLflow model registry and promotion."""
 
@@ -294,6 +315,7 @@ class FinetuneConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -341,6 +363,9 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(tp)
+        return isinstance(value, dict) and all(_type_ok(k, key) and _type_ok(v, item) for k, v in value.items())
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -524,6 +549,7 @@ def validate(cfg: FinetuneConfig) -> list[str]:
         p.append(f"'serve.startup_timeout_s' must be > 0, got {cfg.serve.startup_timeout_s}")
     if not 0 <= cfg.serve.port < 65536:
         p.append(f"'serve.port' must be in [0, 65535], got {cfg.serve.port}")
+    p += _export_problems(cfg.export)
     return p + sweep_problems(cfg)
 
 
@@ -576,6 +602,22 @@ def sweep_problems(cfg: FinetuneConfig) -> list[str]:
     if s.metric == "eval_loss" and (cfg.train.eval_steps < 1 or cfg.data.validation_fraction <= 0):
         p.append("'sweep.metric' eval_loss is the validation loss: set 'train.eval_steps' > 0 and "
                  "'data.validation_fraction' > 0")
+    return p
+
+
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k", "q4_0")
+
+
+def _export_problems(e: ExportConfig) -> list[str]:
+    p = [f"'export.gguf' has {t!r}; choose from {', '.join(GGUF_TYPES)}" for t in e.gguf if t not in GGUF_TYPES]
+    if len(set(e.gguf)) != len(e.gguf):
+        p.append(f"'export.gguf' lists a type twice: {e.gguf}")
+    p += [f"'export.min_agreement' names {t!r}, which 'export.gguf' does not export" for t in e.min_agreement
+          if t not in e.gguf]
+    p += [f"'export.min_agreement.{t}' must be between 0 and 1, got {v}" for t, v in e.min_agreement.items()
+          if not 0.0 <= v <= 1.0]
+    if e.probe_samples < 1 or e.max_new_tokens < 1:
+        p.append("'export.probe_samples' and 'export.max_new_tokens' must be >= 1")
     return p
 
 

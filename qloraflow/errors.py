@@ -56,3 +56,7 @@ class TrackingError(QloraflowError):
 
 class RegistryError(QloraflowError):
     """A model registry operation failed (unknown version, no previous champion, ...)."""
+
+
+class ExportError(QloraflowError):
+    """An export for a local runtime (GGUF, MLX) failed, or its parity check against the merged model did."""

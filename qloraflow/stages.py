@@ -22,8 +22,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
-from qloraflow.config import (DataConfig, EvalConfig, FinetuneConfig, LoraSettings, MergeConfig, ModelConfig,
-                              ServeConfig, TokenizeConfig, TrainConfig)
+from qloraflow.config import (DataConfig, EvalConfig, ExportConfig, FinetuneConfig, LoraSettings, MergeConfig,
+                              ModelConfig, ServeConfig, TokenizeConfig, TrainConfig)
 from qloraflow.paired import by_id
 
 
@@ -164,6 +164,19 @@ class DeploySettings:
 
 
 @dataclass
+class ExportSettings:
+    """GGUF exports of the merged model, each checked under llama.cpp (``qloraflow.export.export_gguf``)."""
+
+    export: ExportConfig
+    converter_sha256: str = ""
+    """The pinned llama-cpp-python sdist the converter and quantizer come from (a new pin re-exports)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.export.gguf) or self.export.mlx
+
+
+@dataclass
 class RegisterSettings:
     """Registration and the promotion gate: the whole config (never cached) and the stages' identities."""
 
@@ -300,6 +313,19 @@ class MergeResult:
 
 
 @dataclass
+class ExportResult:
+    """The exports written and their checks; ``skipped`` says why none was written."""
+
+    skipped: Optional[str] = None
+    gguf: dict[str, float] = field(default_factory=dict)
+    """Greedy agreement with the merged model per GGUF type (every one passed its check); ``mlx`` for the MLX folder."""
+    files: dict[str, str] = field(default_factory=dict)
+    """File name -> sha256 of each GGUF and Modelfile in the export folder."""
+    mlflow_run_id: str = ""
+    report_html: str = ""
+
+
+@dataclass
 class DeployResult:
     """The smoke test of the served model; ``skipped`` says why nothing was served."""
 
@@ -325,8 +351,15 @@ class StageSettings(NamedTuple):
     evaluate: EvalSettings
     merge: MergeSettings
     deploy: DeploySettings
+    export: ExportSettings
     register: RegisterSettings
     execution: ExecutionSettings
+
+
+def _converter_pin() -> str:
+    from qloraflow.assets import ASSETS
+
+    return ASSETS["llama-cpp"].sha256
 
 
 def digest(settings: Any) -> str:
@@ -357,6 +390,7 @@ def stage_settings(cfg: FinetuneConfig, fingerprints: dict[str, str]) -> StageSe
         merge=MergeSettings(merge=cfg.merge, model=cfg.model, eval=cfg.eval),
         deploy=DeploySettings(serve=cfg.serve, served_model_name=cfg.registry.model_name,
                               max_new_tokens=cfg.eval.max_new_tokens),
+        export=ExportSettings(export=cfg.export, converter_sha256=_converter_pin() if cfg.export.gguf else ""),
         register=RegisterSettings(config=cfg, data_digest=digest(data), train_digest=digest(train),
                                   eval_digest=digest(evaluate), dataset_hash=fingerprints["data"]),
         execution=ExecutionSettings.of(cfg))

@@ -42,6 +42,8 @@ PLAN_GPUS = {"nvidia-a10g": "a10g", "nvidia-l4": "l4", "nvidia-tesla-a100": "a10
 TRAIN_GPU = PLAN_GPUS[TRAIN_ACCELERATOR.to_flyte_idl().device]
 EVAL_RESOURCES = Resources(cpu="4", mem="32Gi", gpu="1")  # evaluate and merge, with TRAIN_ACCELERATOR
 SERVE_RESOURCES = Resources(cpu="4", mem="32Gi", gpu="1")
+# GGUF conversion, quantization and the llama.cpp parity check run on CPUs (the merged model in float32).
+EXPORT_RESOURCES = Resources(cpu="8", mem="32Gi")
 
 # Training on N GPUs of one node (train.num_gpus; tasks/train_elastic.py): one task per node size,
 # because a single-node Elastic task's process count is part of its declaration.
@@ -64,9 +66,10 @@ IGNORED = ("execution", "context")
 # Each stage's task modules. Its code version covers what they import from the package, transitively:
 # an edit of qloraflow/attention.py (imported by the training code) re-runs training and what follows.
 TASK_MODULES = {"data": ["data.py"], "tokenize": ["tokenize.py"], "train": ["train.py", "train_elastic.py"],
-                "evaluate": ["evaluate.py"], "merge": ["merge.py"], "deploy": ["deploy.py"]}
+                "evaluate": ["evaluate.py"], "merge": ["merge.py"], "deploy": ["deploy.py"],
+                "export": ["export.py"]}
 # A stage's result depends on its own code and on every earlier stage's.
-ORDER = ["data", "tokenize", "train", "evaluate", "merge", "deploy"]
+ORDER = ["data", "tokenize", "train", "evaluate", "merge", "deploy", "export"]
 # Operational policy (this file) never changes a result.
 NOT_RESULTS = {TASKS / "policy.py"}
 

@@ -27,8 +27,8 @@ from qloraflow.mlflow_model import global_store, hf_folder, log_merged_model
 from qloraflow.modelcard import with_results
 from qloraflow.outputs import keep_execution
 from qloraflow.reports import page_html
-from qloraflow.stages import (DataResult, DeployResult, EvalResult, MergeResult, RegisterSettings, RunContext,
-                              TokenizeResult, TrainResult)
+from qloraflow.stages import (DataResult, DeployResult, EvalResult, ExportResult, MergeResult, RegisterSettings,
+                              RunContext, TokenizeResult, TrainResult)
 from qloraflow.tracking import MlflowTracker
 from tasks import policy
 from tasks.common import execution_id, fail_pipeline_run, local_folder, print_line, show_deck
@@ -72,13 +72,13 @@ def _report(folder: str, run_id: str) -> dict:
 def register_and_promote(settings: RegisterSettings, context: RunContext, data: DataResult, data_dir: FlyteDirectory,
                          tokenized: TokenizeResult, tok_dir: FlyteDirectory, trained: TrainResult,
                          evaluated: EvalResult, merged: MergeResult, merged_dir: FlyteDirectory,
-                         deployed: DeployResult) -> str:
+                         deployed: DeployResult, exported: ExportResult) -> str:
     """Log the pipeline's results, register the merged model, gate the champion alias; return the summary.
 
     The pipeline's MLflow run ends here: FINISHED, or FAILED with the error when this task raises."""
     try:
         return _register_and_promote(settings, context, data, data_dir, tokenized, tok_dir, trained, evaluated,
-                                     merged, merged_dir, deployed)
+                                     merged, merged_dir, deployed, exported)
     except BaseException as e:
         fail_pipeline_run(context, "register", f"{type(e).__name__}: {e}"[:4000])
         raise
@@ -87,7 +87,8 @@ def register_and_promote(settings: RegisterSettings, context: RunContext, data: 
 def _register_and_promote(settings: RegisterSettings, context: RunContext, data: DataResult,
                           data_dir: FlyteDirectory, tokenized: TokenizeResult, tok_dir: FlyteDirectory,
                           trained: TrainResult, evaluated: EvalResult, merged: MergeResult,
-                          merged_dir: FlyteDirectory, deployed: DeployResult) -> str:
+                          merged_dir: FlyteDirectory, deployed: DeployResult,
+                          exported: ExportResult) -> str:
     cfg = settings.config
     name = cfg.registry.model_name
     pipeline_run_id = context.pipeline_run_id
@@ -95,13 +96,15 @@ def _register_and_promote(settings: RegisterSettings, context: RunContext, data:
     results = {k: dict(v) for k, v in evaluated.metrics.items()}
     # The pages go to outputs/<name>/runs/<run>/decks/, not into the summary and the MLflow report.
     pages = {stage: r.report_html for stage, r in (("data", data), ("tokenize", tokenized), ("train", trained),
-                                                  ("evaluate", evaluated), ("merge", merged), ("deploy", deployed))}
+                                                  ("evaluate", evaluated), ("merge", merged), ("deploy", deployed),
+                                                  ("export", exported))}
     train = {k: v for k, v in dataclasses.asdict(trained).items() if k != "report_html"}
     deploy = {k: v for k, v in dataclasses.asdict(deployed).items() if (k != "skipped" or v) and k != "report_html"}
     merge = {k: v for k, v in dataclasses.asdict(merged).items() if k != "report_html"}
+    export = {k: v for k, v in dataclasses.asdict(exported).items() if (k != "skipped" or v) and k != "report_html"}
     reports = {"data": _report(data_local, data.mlflow_run_id), "tokenize": _report(tok_local, tokenized.mlflow_run_id),
                "train": train, "evaluate": {"mlflow_run_id": evaluated.mlflow_run_id}, "merge": merge,
-               "deploy": deploy}
+               "deploy": deploy, "export": export}
     tracker = MlflowTracker(context.experiment, context.tracking_uri, run_id=pipeline_run_id)
     client = registry.client_for(context.tracking_uri)
     stages = stage_provenance(client, pipeline_run_id, reports)
@@ -132,6 +135,9 @@ def _register_and_promote(settings: RegisterSettings, context: RunContext, data:
         tracker.log_dict(registry.verdicts_document(merged.samples, test_key), "gate/verdicts.json")
         version, created = registry.register_once(client, name, merged.sha256, model_uri, pipeline_run_id, tags,
                                                   model_id=model_id)
+    if not exported.skipped:  # the version points at its checked exports (GGUF files and Modelfiles)
+        for key, value in export_tags(exported).items():
+            client.set_model_version_tag(name, version, key, value)
     if created:
         decision = registry.promote(
             client, name, version, results["merged"], results["base"], gate, cfg.registry.promotion_margin,
@@ -149,7 +155,7 @@ def _register_and_promote(settings: RegisterSettings, context: RunContext, data:
         print_line("register", f"the same merged model as version {version}: nothing new to register")
     if uploaded:
         tracker.log_dict({"data": reports["data"], "tokenize": reports["tokenize"], "train": train,
-                          "eval": {**results, "gate": decision}, "deploy": deploy,
+                          "eval": {**results, "gate": decision}, "deploy": deploy, "export": export,
                           "merge": {k: v for k, v in merge.items() if k != "samples"}}, "pipeline_report.json")
     root = Path(cfg.output_dir) / cfg.name
     if decision["promoted"]:
@@ -180,6 +186,8 @@ def _register_and_promote(settings: RegisterSettings, context: RunContext, data:
                "merge_check": {"worst_ulps": check.worst_ulps, "mean_kl": check.mean_kl, "kl_bound": check.kl_bound,
                                "greedy_agreement": check.greedy_agreement},
                "registry": {"model": name, "version": version, **decision},
+               "export": {"skipped": exported.skipped, "gguf": exported.gguf, "artifacts": export_tags(exported).get(
+                   "export.artifacts") if not exported.skipped else None},
                "deploy": {"passed": deployed.passed, "skipped": deployed.skipped, "hf_agreement": deployed.hf_agreement,
                           "vllm_exact_match": _served_exact_match(merged, deployed),
                           "port": deployed.port,  # the server is stopped: no pid to look up
@@ -187,6 +195,13 @@ def _register_and_promote(settings: RegisterSettings, context: RunContext, data:
     summary["summary_file"] = str(write_summary(root, pipeline_run_id, summary).relative_to(root))
     return format_summary(summary, root)
 
+
+
+def export_tags(exported: ExportResult) -> dict[str, str]:
+    """Registered-version tags of the checked exports: where the files are, and each GGUF type's agreement."""
+    return {"export.artifacts": f"runs:/{exported.mlflow_run_id}/export",
+            **{f"export.{t}.agreement": f"{a:.4f}" for t, a in exported.gguf.items()},
+            **{f"export.sha256.{f}": h for f, h in exported.files.items() if f.endswith(".gguf")}}
 
 
 def _gate_lines(tests: dict) -> list[str]:
@@ -333,6 +348,8 @@ def format_summary(s: dict, root: Path = Path(".")) -> str:
               *_gate_lines(r.get("tests") or {}),
               *([f"          serving manifests for the champion: {here(r['manifests'])}"] if r.get("manifests") else []),
               *_serving_lines(dep),
+              *([f"export    GGUF " + "  ".join(f"{t}: agreement {a:.1%}" for t, a in s["export"]["gguf"].items())]
+                if (s.get("export") or {}).get("gguf") else []),
               *([f"plots     {here(kept['comparison_png'])}  samples {here(kept['eval_samples'])}"]
                 if kept.get("comparison_png") else []),
               *[f"{'decks' if i == 0 else '':<10}{stage + ':':<10}{here(page)}"

@@ -19,8 +19,8 @@ from qloraflow.data import content_hash
 from qloraflow.errors import ConfigError
 from qloraflow.plan import check_fit
 from qloraflow.preflight import check_launch
-from qloraflow.stages import (DataSettings, DeploySettings, EvalSettings, ExecutionSettings, MergeSettings,
-                              RegisterSettings, RunContext, TokenizeSettings, TrainSettings, stage_settings)
+from qloraflow.stages import (DataSettings, DeploySettings, EvalSettings, ExecutionSettings, ExportSettings,
+                              MergeSettings, RegisterSettings, RunContext, TokenizeSettings, TrainSettings, stage_settings)
 from qloraflow.tokenize import tokenizer_hash
 from qloraflow.tracking import MlflowTracker, check_reachable, resolve_tracking_uri
 from tasks import policy
@@ -28,7 +28,8 @@ from tasks.common import execution_id, print_line
 
 Resolved = typing.NamedTuple("Resolved", [
     ("data", DataSettings), ("tokenize", TokenizeSettings), ("train", TrainSettings), ("evaluate", EvalSettings),
-    ("merge", MergeSettings), ("deploy", DeploySettings), ("register", RegisterSettings),
+    ("merge", MergeSettings), ("deploy", DeploySettings), ("export", ExportSettings),
+    ("register", RegisterSettings),
     ("execution", ExecutionSettings), ("context", RunContext), ("num_gpus", int), ("data_shards", int),
     ("tokenize_shards", int)])
 

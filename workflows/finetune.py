@@ -19,6 +19,7 @@ from flytekit.types.file import FlyteFile
 from tasks.data import prepare_data
 from tasks.deploy import deploy_model
 from tasks.evaluate import evaluate_candidate
+from tasks.export import export_model
 from tasks.merge import merge_model
 from tasks.register import register_and_promote
 from tasks.resolve import resolve_config
@@ -30,7 +31,7 @@ from workflows.sharded import sharded_data, sharded_tokenize
 
 @workflow
 def finetune(config: FlyteFile) -> str:
-    """ingest/clean/dedupe -> tokenize -> QLoRA train -> evaluate -> merge -> deploy -> register/promote."""
+    """ingest/clean/dedupe -> tokenize -> QLoRA train -> evaluate -> merge -> deploy (and export) -> register/promote."""
     r = resolve_config(config=config)
     # Each stage takes its settings (its cache key, with the folders of the stages before it); how the
     # work is spread (execution) and where it is logged (context) are inputs the cache ignores.
@@ -52,7 +53,9 @@ def finetune(config: FlyteFile) -> str:
     merged = merge_model(settings=r.merge, train_dir=trained.train_dir, data_dir=data.data_dir, tok_dir=tok.tok_dir,
                          candidate=evaluated, context=r.context)
     deployed = deploy_model(settings=r.deploy, merged_dir=merged.merged_dir, merged=merged.result, context=r.context)
+    # export.gguf lists GGUF types (empty by default: the task returns at once, skipped); beside deploy.
+    exported = export_model(settings=r.export, merged_dir=merged.merged_dir, merged=merged.result, context=r.context)
     return register_and_promote(
         settings=r.register, context=r.context, data=data.result, data_dir=data.data_dir, tokenized=tok.result,
         tok_dir=tok.tok_dir, trained=trained.result, evaluated=evaluated, merged=merged.result,
-        merged_dir=merged.merged_dir, deployed=deployed)
+        merged_dir=merged.merged_dir, deployed=deployed, exported=exported.result)
