@@ -42,7 +42,7 @@ def deploy_model(settings: DeploySettings, merged_dir: FlyteDirectory, merged: M
         tracker.log_metrics({"smoke_passed": float(report["passed"]), "hf_agreement": report["hf_agreement"]["share"],
                              **{k: v for k, v in lat.items() if isinstance(v, (int, float))}})
     report["mlflow_run_id"] = tracker.run_id
-    page = deploy_html(report, [s.messages[-1]["content"] for s in samples if s.messages])
+    page = deploy_html(report, [s.messages[-1]["content"] for s in samples.values() if s.messages])
     show_deck({"deployment": page})
     print_line("deploy", f"smoke {'passed' if report['passed'] else 'FAILED'}; HF agreement "
                          f"{report['hf_agreement']['share']:.2%}; first answer: {report['chat_answers'][:1]}")
