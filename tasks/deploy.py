@@ -59,7 +59,7 @@ def deploy_model(settings: DeploySettings, merged_dir: FlyteDirectory, merged: M
                                 if tokens.get("worst_margin_ulps") is not None else {}),
                              **{k: v for k, v in lat.items() if isinstance(v, (int, float))}})
     report["mlflow_run_id"] = tracker.run_id
-    page = deploy_html(report, [s.messages[-1]["content"] for s in samples if s.messages])
+    page = deploy_html(report, [s.messages[-1]["content"] for s in samples.values() if s.messages])
     show_deck({"deployment": page})
     print_line("deploy", f"smoke {'passed' if report['smoke_passed'] else 'FAILED'}; served tokens "
                          f"{'= merged model up to near-ties' if tokens['passed'] else 'DIFFER from the merged model'} "
