@@ -18,8 +18,8 @@ from qloraflow import registry
 from qloraflow.config import load_config
 from qloraflow.errors import ConfigError
 from qloraflow.preflight import check_launch
-from qloraflow.stages import (DataSettings, DeploySettings, EvalSettings, ExecutionSettings, MergeSettings,
-                              RegisterSettings, RunContext, TokenizeSettings, TrainResult, stage_settings)
+from qloraflow.stages import (DataSettings, DeploySettings, EvalSettings, ExecutionSettings, ExportSettings,
+                              MergeSettings, RegisterSettings, RunContext, TokenizeSettings, TrainResult, stage_settings)
 from qloraflow.sweep import Trial, pick_winner, trial_config, trial_label, trial_overrides, trials_table
 from qloraflow.tracking import MlflowTracker, check_reachable, resolve_tracking_uri
 from tasks import policy
@@ -28,7 +28,7 @@ from tasks.resolve import environment_tags, input_fingerprints, run_name, source
 
 SweepResolved = typing.NamedTuple("SweepResolved", [
     ("data", DataSettings), ("tokenize", TokenizeSettings), ("evaluate", EvalSettings), ("merge", MergeSettings),
-    ("deploy", DeploySettings), ("execution", ExecutionSettings), ("context", RunContext),
+    ("deploy", DeploySettings), ("export", ExportSettings), ("execution", ExecutionSettings), ("context", RunContext),
     ("trials", list[Trial]), ("metric", str)])
 Winner = typing.NamedTuple("Winner", [("train_dir", FlyteDirectory), ("result", TrainResult),
                                       ("register", RegisterSettings), ("context", RunContext), ("table", str)])
@@ -54,7 +54,7 @@ def resolve_sweep(config: FlyteFile) -> SweepResolved:
     overrides = trial_overrides(cfg)
     configs = [trial_config(cfg, o) for o in overrides]  # a bad combination fails here, naming the trial
     settings = [stage_settings(c, fp) for c in configs]
-    for stage in ("data", "tokenize", "evaluate", "merge", "deploy"):  # what the trials share
+    for stage in ("data", "tokenize", "evaluate", "merge", "deploy", "export"):  # what the trials share
         assert all(getattr(s, stage) == getattr(settings[0], stage) for s in settings), stage
     environment = environment_tags()
     tags = {**source_tags(environment["git.commit"]), "mlflow.source.name": "workflows/sweep.py"}
@@ -87,7 +87,7 @@ def resolve_sweep(config: FlyteFile) -> SweepResolved:
     context = RunContext(pipeline_run_id=sweep.run_id, name=cfg.name, experiment=cfg.tracking.experiment,
                          tracking_uri=cfg.tracking.tracking_uri, run_name=name, tags=tags)
     return SweepResolved(data=first.data, tokenize=first.tokenize, evaluate=first.evaluate, merge=first.merge,
-                         deploy=first.deploy, execution=first.execution, context=context, trials=trials,
+                         deploy=first.deploy, export=first.export, execution=first.execution, context=context, trials=trials,
                          metric=cfg.sweep.metric)
 
 

@@ -11,7 +11,7 @@ plain pipeline run finds its adapter in the cache)::
 and on a cluster with ``pyflyte run --remote``, where the trials train in parallel, each on its own GPU.
 
 data -> tokenize (once, shared) -> train x N (a dynamic workflow, one node per trial) -> pick the
-winner by ``sweep.metric`` -> evaluate -> merge -> deploy -> register/promote -> the sweep's summary.
+winner by ``sweep.metric`` -> evaluate -> merge -> deploy (and export) -> register/promote -> the sweep's summary.
 MLflow: one sweep run; under it one run per trial (tagged ``qloraflow.pipeline: finetune`` like a
 pipeline run, so ``qloraflow compare`` lists it) with its stage runs under it.
 """
@@ -27,6 +27,7 @@ from qloraflow.sweep import Trial
 from tasks.data import prepare_data
 from tasks.deploy import deploy_model
 from tasks.evaluate import evaluate_candidate
+from tasks.export import export_model
 from tasks.merge import merge_model
 from tasks.register import register_and_promote
 from tasks.sweep import finish_sweep, pick_trial, resolve_sweep
@@ -58,8 +59,9 @@ def sweep(config: FlyteFile) -> str:
     merged = merge_model(settings=r.merge, train_dir=w.train_dir, data_dir=data.data_dir, tok_dir=tok.tok_dir,
                          candidate=evaluated, context=w.context)
     deployed = deploy_model(settings=r.deploy, merged_dir=merged.merged_dir, merged=merged.result, context=w.context)
+    exported = export_model(settings=r.export, merged_dir=merged.merged_dir, merged=merged.result, context=w.context)
     summary = register_and_promote(
         settings=w.register, context=w.context, data=data.result, data_dir=data.data_dir, tokenized=tok.result,
         tok_dir=tok.tok_dir, trained=w.result, evaluated=evaluated, merged=merged.result,
-        merged_dir=merged.merged_dir, deployed=deployed)
+        merged_dir=merged.merged_dir, deployed=deployed, exported=exported.result)
     return finish_sweep(context=r.context, winner=w.context, register=w.register, table=w.table, summary=summary)
