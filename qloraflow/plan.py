@@ -124,6 +124,16 @@ class ModelShape:
         return sum(i * o for i, o in self.linears().values())
 
 
+# The published shapes (config.json) of the models the example configs name, for a plan on a machine that
+# cannot read them (gated on the Hub, offline): the plan says it used this table.
+_LLAMA3_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False}
+KNOWN_SHAPES: dict[str, dict[str, Any]] = {
+    "meta-llama/Meta-Llama-3-8B": _LLAMA3_8B, "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
+    "meta-llama/Llama-3.1-8B": _LLAMA3_8B, "meta-llama/Llama-3.1-8B-Instruct": _LLAMA3_8B,
+}
+
+
 def read_model_shape(base_model: str, revision: Optional[str] = None) -> Optional[ModelShape]:
     """The shape of ``model.base_model``: its folder's config.json, else the Hugging Face cache's, else
     the Hub's (unless ``HF_HUB_OFFLINE``); None when none can be read."""
@@ -376,7 +386,10 @@ def plan_config(cfg: FinetuneConfig, gpu: str, *, shape: Optional[ModelShape] = 
     """
     if gpu not in GPUS:
         raise ConfigError("--gpu", [f"unknown GPU {gpu!r}; one of {', '.join(GPUS)}"])
+    from_table = False
     shape = shape or read_model_shape(cfg.model.base_model, cfg.model.revision)
+    if shape is None and cfg.model.base_model in KNOWN_SHAPES:
+        shape, from_table = ModelShape.from_config(KNOWN_SHAPES[cfg.model.base_model]), True
     if shape is None:
         raise ConfigError("model.base_model", [
             f"'model.base_model': cannot read the config.json of {cfg.model.base_model!r} (not a local folder, "
@@ -392,6 +405,9 @@ def plan_config(cfg: FinetuneConfig, gpu: str, *, shape: Optional[ModelShape] = 
     plan = Plan(gpu=g, workload=w, memory=memory_gib(shape, w, constants), step=step,
                 data=data, num_gpus=cfg.train.num_gpus, accumulation=cfg.train.gradient_accumulation_steps,
                 price_per_hour=g.price_per_hour if price_per_hour is None else price_per_hour)
+    if from_table:
+        plan.notes.append(f"the config.json of {cfg.model.base_model} could not be read here: its published shape "
+                          "from qloraflow.plan.KNOWN_SHAPES was used (--model-config to give another)")
     if cfg.train.backend == "auto":
         plan.notes.append("train.backend auto: planned as unsloth (CUDA with Unsloth installed); hf is slower")
     if cfg.train.use_cpu:

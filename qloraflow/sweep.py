@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+import shlex
 from typing import Any, Optional, Sequence
 
 from qloraflow.config import FinetuneConfig, SweepConfig, config_from_dict
@@ -114,3 +115,16 @@ class Trial:
     register: RegisterSettings
     context: RunContext
     """The trial's pipeline run, nested under the sweep's run; its stage runs nest under it."""
+
+
+
+def compare_command(experiment: str, tracking_uri: str, sweep_run_id: str, params: Sequence[str], metric: str) -> str:
+    """The ``qloraflow compare`` line that tables and plots one sweep's trials (the sweep prints it).
+
+    >>> compare_command("demo", "sqlite:///m.db", "0d24b52e9f", ["lora.r"], "eval_loss")
+    'qloraflow compare --experiment demo --tracking-uri sqlite:///m.db --sweep 0d24b52e --params lora.r --metrics validation.eval_loss --sort validation.eval_loss --ascending'
+    """
+    column = f"validation.{metric}"
+    return (f"qloraflow compare --experiment {shlex.quote(experiment)} --tracking-uri {shlex.quote(tracking_uri)} "
+            f"--sweep {sweep_run_id[:8]} --params {' '.join(shlex.quote(p) for p in params)} "
+            f"--metrics {column} --sort {column} --ascending")

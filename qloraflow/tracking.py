@@ -20,6 +20,7 @@ Failure policy (an unattended pipeline must not die for its bookkeeping, and mus
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import urllib.request
@@ -359,7 +360,12 @@ def replay_pending(folder: Optional[str | os.PathLike] = None, tracking_uri: Opt
 
 
 def replay_command(folder: Optional[str], tracking_uri: Optional[str]) -> int:
-    """``qloraflow tracking replay [FOLDER]``: 0 when every buffer found was replayed whole."""
+    """``qloraflow tracking replay [FOLDER]``: 0 when every buffer found was replayed whole, 2 for no FOLDER."""
+    if folder is not None and not Path(folder).is_dir():
+        print(f"error: {folder}: no such folder; give the folder of a stage's outputs (its mlflow-buffer/ is "
+              "searched below it), or leave FOLDER out to replay every pending buffer of this machine",
+              file=sys.stderr)
+        return 2
     results = replay_pending(folder, tracking_uri)
     where = folder or pending_dir()
     if not results:

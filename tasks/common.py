@@ -60,6 +60,18 @@ def stage_run(context: RunContext, stage: str, reports: Iterable[Path] = (),
     tracker.close()
 
 
+@contextmanager
+def fails_the_pipeline_run(context: RunContext, stage: str) -> Iterator[None]:
+    """Around a task with no run of its own (a shard of a map task, a plan): when it raises and Flyte will
+    not retry it, the pipeline's run ends FAILED naming ``stage``, so it is not left RUNNING."""
+    try:
+        yield
+    except BaseException as e:
+        if not will_retry(e):
+            fail_pipeline_run(context, stage, f"{type(e).__name__}: {e}"[:4000])
+        raise
+
+
 def will_retry(e: BaseException) -> bool:
     """True when Flyte runs this task again after ``e``: a recoverable error before the last attempt.
 

@@ -23,7 +23,7 @@ from qloraflow.splits import report_html
 from qloraflow.reports import page_html
 from qloraflow.stages import DataResult, DataSettings, ExecutionSettings, RunContext
 from tasks import policy
-from tasks.common import print_line, show_deck, stage_run, work_dir
+from tasks.common import fails_the_pipeline_run, print_line, show_deck, stage_run, work_dir
 
 DataOutput = typing.NamedTuple("DataOutput", [("data_dir", FlyteDirectory), ("result", DataResult)])
 
@@ -42,20 +42,23 @@ def prepare_data(settings: DataSettings, execution: ExecutionSettings, context: 
 
 @task(cache=policy.cache("data"), container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES,
       retries=policy.RETRIES)
-def plan_data_shards(settings: DataSettings, num_shards: int) -> list[str]:
+def plan_data_shards(settings: DataSettings, num_shards: int, context: RunContext) -> list[str]:
     """The inputs cut into at most ``num_shards`` shards of about equal size, in input order."""
-    shards = sharding.plan_data_shards(settings.data, num_shards)
+    with fails_the_pipeline_run(context, "data"):
+        shards = sharding.plan_data_shards(settings.data, num_shards)
     print_line("data", f"{len(shards)} shard(s)")
     return shards
 
 
 @task(cache=policy.cache("data"), container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES,
       retries=policy.RETRIES)
-def prepare_data_shard(settings: DataSettings, execution: ExecutionSettings, shard: str) -> FlyteDirectory:
+def prepare_data_shard(settings: DataSettings, execution: ExecutionSettings, context: RunContext,
+                       shard: str) -> FlyteDirectory:
     """One shard's records read, cleaned, checked and MinHashed (no decision that needs the others)."""
     data = _data_config(settings, execution)
     out = work_dir(f"data-shard-{sharding.shard_name(shard)}")  # map tasks run locally share a working directory
-    data_stage.prepare_data_shard(data, shard, out, **_record_options(settings, data))
+    with fails_the_pipeline_run(context, f"data shard {sharding.shard_name(shard)}"):
+        data_stage.prepare_data_shard(data, shard, out, **_record_options(settings, data))
     return FlyteDirectory(str(out))
 
 

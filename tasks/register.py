@@ -23,7 +23,7 @@ from flytekit.types.directory import FlyteDirectory
 from qloraflow import registry
 from qloraflow.comparison import gate_html
 from qloraflow.evaluate import evaluate_model
-from qloraflow.mlflow_model import global_store, hf_folder, log_merged_model
+from qloraflow.mlflow_model import download_version, log_merged_model
 from qloraflow.modelcard import with_results
 from qloraflow.outputs import keep_execution
 from qloraflow.reports import page_html
@@ -53,11 +53,7 @@ def _champion_side(cfg, client, data: str, tok: str, test_key: str) -> dict:  # 
         why = "it kept no per-record verdicts"
     else:
         why = "it was evaluated on another test split or with other settings"
-    import mlflow
-
-    with global_store(client):  # a models:/m-... source resolves through the process-wide store
-        local = mlflow.artifacts.download_artifacts(artifact_uri=current.source, tracking_uri=client.tracking_uri)
-    evaluation = evaluate_model(cfg, str(hf_folder(local)), data, tok)
+    evaluation = evaluate_model(cfg, str(download_version(client, current.source)), data, tok)
     print_line("register", f"champion v{current.version} re-evaluated on this test split: {why}")
     return {"version": str(current.version), "metrics": evaluation.metrics, "verdicts": evaluation.verdicts(gate),
             "source": f"re-evaluated on this test split ({why})"}

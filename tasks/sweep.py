@@ -20,7 +20,7 @@ from qloraflow.errors import ConfigError
 from qloraflow.preflight import check_launch
 from qloraflow.stages import (DataSettings, DeploySettings, EvalSettings, ExecutionSettings, ExportSettings,
                               MergeSettings, RegisterSettings, RunContext, TokenizeSettings, TrainResult, stage_settings)
-from qloraflow.sweep import Trial, pick_winner, trial_config, trial_label, trial_overrides, trials_table
+from qloraflow.sweep import Trial, compare_command, pick_winner, trial_config, trial_label, trial_overrides, trials_table
 from qloraflow.tracking import MlflowTracker, check_reachable, resolve_tracking_uri
 from tasks import policy
 from tasks.common import execution_id, print_line
@@ -142,10 +142,16 @@ def finish_sweep(context: RunContext, winner: RunContext, register: RegisterSett
     sweep = MlflowTracker(context.experiment, context.tracking_uri, run_id=context.pipeline_run_id)
     sweep.set_tags(decision)
     sweep.close()
+    params = client.get_run(context.pipeline_run_id).data.params  # what resolve_sweep logged: the keys varied
+    compare = compare_command(context.experiment, resolve_tracking_uri(context.tracking_uri), context.pipeline_run_id,
+                              sorted(k[len("sweep.params."):] for k in params if k.startswith("sweep.params.")),
+                              params["sweep.metric"])
     own = root / "sweeps" / context.pipeline_run_id
     own.mkdir(parents=True, exist_ok=True)
     (own / "sweep.json").write_text(json.dumps({"sweep_run_id": context.pipeline_run_id, "winner_run_id":
                                                 winner.pipeline_run_id, "table": table, "registry": decision},
                                                indent=1, default=str))
     return (f"\nqloraflow sweep {context.run_name} ({context.pipeline_run_id})\n{table}\n"
-            f"sweep     {own / 'sweep.json'}\nthe winner through the gate:{summary}")
+            f"sweep     {own / 'sweep.json'}\ncompare   {compare}\n"
+            f"the winner through the gate:{summary}")
+

@@ -21,7 +21,7 @@ from qloraflow.reports import page_html, tokenize_html
 from qloraflow.stages import ExecutionSettings, RunContext, TokenizeResult, TokenizeSettings
 from qloraflow.tokenize import tokenize_dataset
 from tasks import policy
-from tasks.common import print_line, show_deck, stage_run, work_dir
+from tasks.common import fails_the_pipeline_run, print_line, show_deck, stage_run, work_dir
 
 TokenizeOutput = typing.NamedTuple("TokenizeOutput", [("tok_dir", FlyteDirectory), ("result", TokenizeResult)])
 
@@ -38,19 +38,22 @@ def tokenize_data(settings: TokenizeSettings, data_dir: FlyteDirectory, executio
 
 @task(cache=policy.cache("tokenize"), container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES,
       retries=policy.RETRIES)
-def plan_tokenize_shards(settings: TokenizeSettings, data_dir: FlyteDirectory, num_shards: int) -> list[str]:
+def plan_tokenize_shards(settings: TokenizeSettings, data_dir: FlyteDirectory, num_shards: int,
+                         context: RunContext) -> list[str]:
     """The prepared splits' rows cut into at most ``num_shards`` shards of about equal rows."""
-    return sharding.plan_tokenize_shards(data_dir.download(), num_shards)
+    with fails_the_pipeline_run(context, "tokenize"):
+        return sharding.plan_tokenize_shards(data_dir.download(), num_shards)
 
 
 @task(cache=policy.cache("tokenize"), container_image=policy.DATA_IMAGE, requests=policy.DATA_RESOURCES,
       retries=policy.RETRIES)
 def tokenize_shard(settings: TokenizeSettings, data_dir: FlyteDirectory, execution: ExecutionSettings,
-                   shard: str) -> FlyteDirectory:
+                   context: RunContext, shard: str) -> FlyteDirectory:
     """One shard's records encoded (input ids and labels; no length policy or packing yet)."""
     out = work_dir(f"tokenize-shard-{sharding.shard_name(shard)}")  # map tasks run locally share a working directory
-    tokenize_stage.tokenize_shard(_tokenize_config(settings, execution), shard, data_dir.download(),
-                                  settings.base_model, out)
+    with fails_the_pipeline_run(context, f"tokenize shard {sharding.shard_name(shard)}"):
+        tokenize_stage.tokenize_shard(_tokenize_config(settings, execution), shard, data_dir.download(),
+                                      settings.base_model, out)
     return FlyteDirectory(str(out))
 
 

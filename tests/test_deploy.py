@@ -52,7 +52,8 @@ def test_k8s_deployment_and_service_validate_and_serve_the_pinned_version():
     # the init container downloads the pinned version where vLLM reads it
     assert init["command"][:5] == ["mlflow", "artifacts", "download", "--artifact-uri", "models:/tiny-sql/3"]
     dst = init["command"][init["command"].index("--dst-path") + 1]
-    assert vllm["args"][vllm["args"].index("--model") + 1] == dst == "/models/3"
+    # vLLM reads the checkpoint inside the MLflow Model the version is (``<dst>/model``)
+    assert dst == "/models/3" and vllm["args"][vllm["args"].index("--model") + 1] == "/models/3/model"
     assert vllm["args"][vllm["args"].index("--served-model-name") + 1] == "tiny-sql"
     # the Service reaches exactly these pods
     labels = spec["template"]["metadata"]["labels"]
@@ -193,32 +194,13 @@ def test_apply_failures_are_clear_and_leave_current_alone(tmp_path, monkeypatch)
     assert current_version(out / "k8s") is None
 
 
-def test_init_container_command_downloads_the_model_from_a_real_registry(tmp_path):
-    """Run the rendered download command against an MLflow registry: files land where vLLM reads."""
-    import mlflow
-
-    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    merged = tmp_path / "merged"
-    merged.mkdir()
-    (merged / "config.json").write_text('{"model_type": "llama"}')
-    (merged / "tokenizer.json").write_text("{}")
-    mlflow.set_tracking_uri(db)
-    try:
-        with mlflow.start_run() as run:
-            mlflow.log_artifacts(str(merged), "merged_model")
-        client = mlflow.MlflowClient(tracking_uri=db, registry_uri=db)
-        client.create_registered_model("tiny-sql")
-        mv = client.create_model_version("tiny-sql", f"runs:/{run.info.run_id}/merged_model", run_id=run.info.run_id)
-        client.set_registered_model_alias("tiny-sql", "champion", mv.version)
-    finally:
-        mlflow.set_tracking_uri(None)
-    deployment = render_manifests(URI, "tiny-sql", str(mv.version))[2]
+def _download_as_the_pod_does(deployment: dict, db: str, root: Path) -> Path:
+    """Run the init container's command against the registry; return where vLLM's ``--model`` points, under root."""
     pod = deployment["spec"]["template"]["spec"]
-    init = pod["initContainers"][0]
-    model_dir = pod["containers"][0]["args"][1]
-    local = tmp_path / model_dir.lstrip("/")  # the pod's /models volume, here under tmp_path
+    init, vllm = pod["initContainers"][0], pod["containers"][0]
     cmd = [str(Path(sys.executable).with_name("mlflow")), *init["command"][1:]]
-    cmd[cmd.index("--dst-path") + 1] = str(local)
+    dst = cmd[cmd.index("--dst-path") + 1]
+    cmd[cmd.index("--dst-path") + 1] = str(root / dst.lstrip("/"))  # the pod's /models volume, here under root
     # What the kubelet does: the Secret's keys, then env (values, and the Secret's key named by secretKeyRef).
     secret = {"MLFLOW_TRACKING_URI": db}
     assert init["envFrom"] == [{"secretRef": {"name": "mlflow-tracking", "optional": False}}]
@@ -227,7 +209,37 @@ def test_init_container_command_downloads_the_model_from_a_real_registry(tmp_pat
         ref = e.get("valueFrom", {}).get("secretKeyRef")
         env[e["name"]] = secret[ref["key"]] if ref else e["value"]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-    assert sorted(p.name for p in local.iterdir()) == ["config.json", "tokenizer.json"]
+    return root / vllm["args"][vllm["args"].index("--model") + 1].lstrip("/")
+
+
+def test_init_container_command_downloads_the_model_from_a_real_registry(tmp_path, tiny_model_dir):
+    """The version as the register task makes it (an MLflow Model): vLLM's --model folder holds the checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    from qloraflow import registry
+    from qloraflow.mlflow_model import log_merged_model
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=db, registry_uri=db)
+    exp_id = client.create_experiment("deploy", artifact_location=str(tmp_path / "mlartifacts"))
+    run_id = client.create_run(exp_id).info.run_id
+    model_id, uri = log_merged_model(client, run_id, tiny_model_dir, "# tiny-sql\n")
+    version, _ = registry.register_once(client, "tiny-sql", "a" * 64, uri, run_id, {}, model_id=model_id)
+    registry.set_champion(client, "tiny-sql", version)
+    served = _download_as_the_pod_does(render_manifests(URI, "tiny-sql", version)[2], db, tmp_path / "pod")
+    for f in tiny_model_dir.iterdir():  # the merge's files, byte for byte, where vLLM reads them
+        assert (served / f.name).read_bytes() == f.read_bytes(), f.name
+    # negative control: the folder the version downloads to is an MLflow Model, not a checkpoint
+    assert (served.parent / "MLmodel").is_file() and not (served.parent / "config.json").exists()
+
+    # A version registered as a bare folder of files (before MLflow Models): --checkpoint-subdir ''.
+    bare = client.create_run(exp_id).info.run_id
+    client.log_artifacts(bare, str(tiny_model_dir), "merged_model")
+    old = client.create_model_version("tiny-sql", f"runs:/{bare}/merged_model", run_id=bare).version
+    client.set_registered_model_alias("tiny-sql", "champion", old)
+    served = _download_as_the_pod_does(render_manifests(URI, "tiny-sql", str(old), checkpoint_subdir="")[2], db,
+                                       tmp_path / "pod-bare")
+    assert (served / "config.json").read_bytes() == (tiny_model_dir / "config.json").read_bytes()
 
 
 # ----------------------------------------------------------------------------- the serving image

@@ -159,5 +159,11 @@ def test_plan_command(tmp_path, tiny_tokenized):
     assert no_data.returncode == 2 and "data/train.jsonl" in no_data.stderr and "--no-data" in no_data.stderr
     unknown = cli("plan", str(A10G_CONFIG), "--gpu", "v100")
     assert unknown.returncode == 2 and "invalid choice: 'v100'" in unknown.stderr
-    hub = cli("plan", str(A10G_CONFIG), "--no-data")  # meta-llama/... is not on this machine
+    hub = cli("plan", str(A10G_CONFIG), "--no-data", "--set", "model.base_model=no-such-org/no-such-model")
     assert hub.returncode == 2 and "--model-config" in hub.stderr
+    # meta-llama/... is gated and not on this machine: its published shape, said so, gives the same plan
+    table = cli("plan", str(A10G_CONFIG), "--no-data", "--set", "train.backend=hf", "--json")
+    assert table.returncode == 0, table.stderr
+    given = cli(*base, "--no-data", "--json")
+    assert json.loads(table.stdout)["peak_gib"] == json.loads(given.stdout)["peak_gib"]
+    assert "KNOWN_SHAPES" in cli("plan", str(A10G_CONFIG), "--no-data").stdout

@@ -134,6 +134,7 @@ def run_as_typed(command: str, folder: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PATH"] = os.pathsep.join([str(folder / "bin"), str(SCRIPT.parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["QLORAFLOW_TRACKING_PENDING"] = str(folder / ".mlflow-pending")  # a fresh machine's: no buffers pending
     if not SCRIPT.is_file():
         command = re.sub(r"^\S*/qloraflow\b", "qloraflow", command)  # the shim on PATH instead
     return subprocess.run(["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True,

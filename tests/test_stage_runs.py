@@ -86,3 +86,50 @@ def test_a_failed_data_stage_keeps_its_quarantine_and_report_in_mlflow(tmp_path,
     assert [q["reason"] for q in quarantine] == ["missing_field"] * 3
     assert json.loads((got / "report.json").read_text())["rejected"] == 3
     assert MlflowClient(uri).get_run(pipeline.run_id).info.status == "FAILED"
+
+
+def test_a_failing_shard_of_a_map_task_ends_the_pipeline_run_failed(tmp_path, monkeypatch):
+    """A shard task has no MLflow run of its own; when it fails for good the pipeline's run must not stay RUNNING."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from qloraflow.config import DataConfig
+    from qloraflow.stages import DataSettings, ExecutionSettings, RunContext
+    from qloraflow.tracking import MlflowTracker
+    from tasks.data import plan_data_shards, prepare_data_shard
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"instruction": f"What is {i} plus 2?", "output": str(i + 2)}) + "\n"
+                           for i in range(40)))
+    settings = DataSettings(data=DataConfig(train_files=[str(src)], validation_fraction=0.0), seed=0,
+                            data_digest="shard-fails")
+    client = MlflowClient(uri)
+
+    def pipeline_run() -> RunContext:
+        run = MlflowTracker("stage-runs", uri, run_name="pipeline")
+        return RunContext(pipeline_run_id=run.run_id, name="t", experiment="stage-runs", tracking_uri=uri)
+
+    # control: a shard that works leaves the pipeline's run open (RUNNING) for the stages after it
+    ok = pipeline_run()
+    shards = plan_data_shards(settings=settings, num_shards=2, context=ok)
+    assert len(shards) == 2
+    prepare_data_shard(settings=settings, execution=ExecutionSettings(), context=ok, shard=shards[0])
+    assert client.get_run(ok.pipeline_run_id).info.status == "RUNNING"
+    # the input vanishes between the plan and the shard (a cleaned-up volume): the shard fails for good
+    failing = pipeline_run()
+    src.unlink()
+    with pytest.raises(Exception):
+        prepare_data_shard(settings=settings, execution=ExecutionSettings(), context=failing, shard=shards[1])
+    run = client.get_run(failing.pipeline_run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["qloraflow.failed_stage"].startswith("data shard")
+    # and a plan that cannot read its inputs ends the run FAILED too, naming the stage
+    planning = pipeline_run()
+    uncached = DataSettings(data=settings.data, seed=0, data_digest="shard-fails-plan")  # not the first plan's key
+    with pytest.raises(Exception, match="d.jsonl"):
+        plan_data_shards(settings=uncached, num_shards=2, context=planning)
+    run = client.get_run(planning.pipeline_run_id)
+    assert run.info.status == "FAILED" and run.data.tags["qloraflow.failed_stage"] == "data"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import pyflyte_env, quick_pipeline_config, snapshot_project
+from conftest import ROOT, pyflyte_env, quick_pipeline_config, snapshot_project
 
 from qloraflow.config import config_from_dict
 from qloraflow.errors import ConfigError
@@ -165,6 +165,19 @@ def test_compare_shows_the_trials_of_one_sweep(sweeps, tmp_path, capsys):
     from qloraflow.compare import compare_main
 
     sweep = _sweep_run(MlflowClient(sweeps["uri"]), sweeps["first"])
+    # The compare line the sweep printed, run as the user would: it tables the four trials and plots them.
+    printed = re.findall(r"^compare\s+(qloraflow compare .*)$", sweeps["first"], re.M)[-1]
+    proc = subprocess.run(["bash", "-c", f"{ROOT}/.venv/bin/{printed}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, (printed, proc.stdout, proc.stderr)
+    assert len([line for line in proc.stdout.splitlines() if "lora.r=" in line]) == 4, proc.stdout
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # negative control: a sweep id that is not there is an error that lists the sweeps that are
+    wrong = printed.replace(f"--sweep {sweep.info.run_id[:8]}", "--sweep ffffffff")
+    proc = subprocess.run(["bash", "-c", f"{ROOT}/.venv/bin/{wrong}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "no trials of sweep 'ffffffff'" in proc.stderr, proc.stderr
+    assert sweep.info.run_id[:8] in proc.stderr
     png = tmp_path / "trials.png"
     assert compare_main(["--experiment", "sweep", "--tracking-uri", sweeps["uri"], "--sweep", sweep.info.run_id[:8],
                          "--params", "train.learning_rate", "lora.r", "--metrics", "validation.eval_loss",

@@ -23,7 +23,7 @@ from conftest import finished_pyflyte, pyflyte_env, quick_pipeline_config, snaps
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("data", "tokenize", "train", "evaluate", "merge")  # deploy is switched off: always "skipped"
+STAGES = ("data", "tokenize", "train", "evaluate", "merge")  # deploy and export are switched off: always "skipped"
 # Each change and the stages it must re-run; the others must come from the cache.
 CHANGES = {
     "first": set(STAGES),
@@ -92,7 +92,7 @@ def test_a_change_reruns_exactly_the_stages_it_reaches(executions, change):
         summary = runs[name]["summary"]
         expected = {s: "ran" if s in reran else f"cached (computed by pipeline run {last_ran[s][:8]})" for s in STAGES}
         if name == change:
-            assert summary["stages"] == {**expected, "deploy": "skipped"}, (change, summary["stages"])
+            assert summary["stages"] == {**expected, "deploy": "skipped", "export": "skipped"}, (change, summary["stages"])
             return
         last_ran.update({s: summary["mlflow_run_id"] for s in reran})
 

@@ -67,10 +67,9 @@ def test_each_execution_keeps_its_own_summary_and_model(two_executions):
 
 
 def test_both_versions_registered_intact_and_the_better_one_is_champion(two_executions, tmp_path):
-    import mlflow
-
     from qloraflow import registry
     from qloraflow.merge import model_digest
+    from qloraflow.mlflow_model import download_version
 
     summaries, uri = two_executions["summaries"], two_executions["uri"]
     client = registry.client_for(uri)
@@ -79,8 +78,7 @@ def test_both_versions_registered_intact_and_the_better_one_is_champion(two_exec
     for s in summaries.values():
         mv = versions[s["mlflow_run_id"]]
         assert s["registry"]["version"] == str(mv.version)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=uri,
-                                                         dst_path=str(tmp_path / str(mv.version))))
+        local = download_version(client, mv.source, tmp_path / str(mv.version))  # the checkpoint, MLflow Model or not
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in local.iterdir()}
         # the bytes the registry serves are the bytes this execution's merge wrote
         assert model_digest(local) == mv.tags["model.sha256"] == model_digest(two_executions["outputs"] / s["merged_dir"])

@@ -28,8 +28,9 @@ from tasks.tokenize import TokenizeOutput, merge_tokenize_shards, plan_tokenize_
 def sharded_data(settings: DataSettings, execution: ExecutionSettings, context: RunContext,
                  num_shards: int) -> DataOutput:
     """plan -> read/clean/check/MinHash each shard -> dedupe, split and report over all, in input order."""
-    shards = plan_data_shards(settings=settings, num_shards=num_shards)
-    parts = map_task(functools.partial(prepare_data_shard, settings=settings, execution=execution))(shard=shards)
+    shards = plan_data_shards(settings=settings, num_shards=num_shards, context=context)
+    parts = map_task(functools.partial(prepare_data_shard, settings=settings, execution=execution,
+                                       context=context))(shard=shards)
     return merge_data_shards(settings=settings, execution=execution, parts=parts, context=context)
 
 
@@ -37,8 +38,8 @@ def sharded_data(settings: DataSettings, execution: ExecutionSettings, context: 
 def sharded_tokenize(settings: TokenizeSettings, data_dir: FlyteDirectory, execution: ExecutionSettings,
                      context: RunContext, num_shards: int) -> TokenizeOutput:
     """plan -> encode each shard -> length policy, packing and saving per split, in data order."""
-    shards = plan_tokenize_shards(settings=settings, data_dir=data_dir, num_shards=num_shards)
+    shards = plan_tokenize_shards(settings=settings, data_dir=data_dir, num_shards=num_shards, context=context)
     parts = map_task(functools.partial(tokenize_shard, settings=settings, data_dir=data_dir,
-                                       execution=execution))(shard=shards)
+                                       execution=execution, context=context))(shard=shards)
     return merge_tokenize_shards(settings=settings, data_dir=data_dir, parts=parts, execution=execution,
                                  context=context)
